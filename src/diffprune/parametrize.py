@@ -1,0 +1,174 @@
+"""theta = theta0 + delta for every selected tensor of a model, in three stages.
+
+Diff pruning (Guo, Rush & Kim, ACL 2021) keeps the pretrained theta0 frozen and learns a diff:
+
+- ``"l0"``    : delta = z * w, z a hard-concrete gate per entry (Sec. 3.1), times one group gate
+                per tensor when structured (Sec. 3.2). One stochastic mask per forward in
+                training mode, deterministic gates in eval mode.
+- ``"dense"`` : delta = w (plain finetuning expressed as a diff; the magnitude baseline, Sec. 5).
+- ``"fixed"`` : delta = scatter(indices, values), the fixed-mask stage after projection (Sec. 3.3).
+                Only the nnz values are parameters, so the optimizer keeps state only for them.
+
+The :class:`DiffState` module is attached to the model as ``model.diffprune``. A forward pre-hook
+on the model's root computes every theta once per forward and sets it as a plain tensor
+attribute on each module that owns the parameter (tied parameters share one theta, sampled once).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import gates
+from .config import DiffPruneConfig
+
+STAGES = ("l0", "dense", "fixed")
+STATE_ATTR = "diffprune"
+
+
+@dataclass
+class Target:
+    """One base parameter that carries a diff (tied parameters appear once)."""
+
+    name: str
+    shape: tuple[int, ...]
+    owners: list[tuple[nn.Module, str]] = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Diff weights of half-precision bases are kept in float32 (tiny updates would round away).
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class DiffState(nn.Module):
+    """Frozen theta0 (non-persistent buffers), the trainable diff, and the current stage."""
+
+    def __init__(self, config: DiffPruneConfig, targets: list[Target],
+                 theta0: list[torch.Tensor], dense_names: list[str], stage: str = "l0"):
+        super().__init__()
+        self.config = config
+        self.targets = targets
+        self.dense_names = dense_names
+        self.stage = ""
+        for i, t0 in enumerate(theta0):
+            self.register_buffer(f"theta0_{i}", t0.detach(), persistent=False)
+        self.set_stage_(stage)
+
+    # --- stage management -------------------------------------------------------------
+    def theta0(self, i: int) -> torch.Tensor:
+        return getattr(self, f"theta0_{i}")
+
+    def _drop_trainables(self) -> None:
+        for name in ("w", "log_alpha", "group_log_alpha", "values"):
+            if hasattr(self, name):
+                delattr(self, name)
+        for i in range(len(self.targets)):
+            if f"indices_{i}" in self._buffers:
+                delattr(self, f"indices_{i}")
+
+    def _zeros_like_theta0(self) -> nn.ParameterList:
+        return nn.ParameterList(
+            nn.Parameter(torch.zeros_like(self.theta0(i), dtype=_master_dtype(self.theta0(i).dtype)))
+            for i in range(len(self.targets)))
+
+    def set_stage_(self, stage: str, indices: list[torch.Tensor] | None = None,
+                   values: list[torch.Tensor] | None = None) -> None:
+        """(Re)initialise the trainable diff for ``stage``; the fixed stage needs indices/values."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self._drop_trainables()
+        self.stage = stage
+        if stage in ("l0", "dense"):
+            self.w = self._zeros_like_theta0()  # w = 0: the model starts exactly at theta0
+        if stage == "l0":
+            a = self.config.init_log_alpha
+            self.log_alpha = nn.ParameterList(
+                nn.Parameter(torch.full(t.shape, a, device=self.theta0(i).device))
+                for i, t in enumerate(self.targets))
+            if self.config.structured:
+                self.group_log_alpha = nn.Parameter(
+                    torch.full((len(self.targets),), a, device=self.theta0(0).device))
+        if stage == "fixed":
+            if indices is None or values is None:
+                raise ValueError("the fixed stage needs indices and values per target")
+            for i, idx in enumerate(indices):
+                self.register_buffer(f"indices_{i}", idx.to(self.theta0(i).device, torch.int64))
+            self.values = nn.ParameterList(
+                nn.Parameter(v.detach().to(self.theta0(i).device,
+                                           _master_dtype(self.theta0(i).dtype)).clone())
+                for i, v in enumerate(values))
+
+    def indices(self, i: int) -> torch.Tensor:
+        return getattr(self, f"indices_{i}")  # (nnz_i,) int64, sorted flat positions
+
+    # --- gates --------------------------------------------------------------------------
+    def gate_args(self) -> dict:
+        c = self.config
+        return {"left": c.stretch_left, "right": c.stretch_right}
+
+    def gates(self, stochastic: bool) -> list[torch.Tensor]:
+        """z per target (L0 stage), including the group gate when structured."""
+        c = self.config
+        if stochastic:
+            zs = [gates.sample_gate(a, temperature=c.temperature, **self.gate_args())
+                  for a in self.log_alpha]
+        else:
+            zs = [gates.deterministic_gate(a, **self.gate_args()) for a in self.log_alpha]
+        if not c.structured:
+            return zs
+        if stochastic:
+            zg = gates.sample_gate(self.group_log_alpha, temperature=c.temperature,
+                                   **self.gate_args())
+        else:
+            zg = gates.deterministic_gate(self.group_log_alpha, **self.gate_args())
+        return [z * zg[i] for i, z in enumerate(zs)]
+
+    # --- the diff -----------------------------------------------------------------------
+    def deltas(self, stochastic: bool = False) -> list[torch.Tensor]:
+        """delta per target, same shape as theta0 (differentiable)."""
+        if self.stage == "dense":
+            return list(self.w)
+        if self.stage == "l0":
+            return [z * w for z, w in zip(self.gates(stochastic), self.w)]
+        out = []
+        for i, v in enumerate(self.values):
+            t0 = self.theta0(i)
+            flat = torch.zeros(t0.numel(), dtype=v.dtype, device=v.device)
+            out.append(flat.index_add(0, self.indices(i), v).view(t0.shape))
+        return out
+
+    def thetas(self, stochastic: bool = False) -> list[torch.Tensor]:
+        """theta = theta0 + delta per target, in the base dtype."""
+        if self.stage == "fixed":
+            # Scatter the nnz values straight into a copy of theta0: exactly what
+            # SparseDiff.apply_ and merging do, so all three agree bit for bit.
+            out = []
+            for i, v in enumerate(self.values):
+                t0 = self.theta0(i)
+                flat = t0.reshape(-1).to(v.dtype).index_add(0, self.indices(i), v)
+                out.append(flat.view(t0.shape).to(t0.dtype))
+            return out
+        return [(self.theta0(i) + d).to(self.theta0(i).dtype)
+                for i, d in enumerate(self.deltas(stochastic))]
+
+    def materialize(self, stochastic: bool) -> None:
+        """Set theta on every owning module (called before each forward of the root)."""
+        for target, theta in zip(self.targets, self.thetas(stochastic)):
+            for module, attr in target.owners:
+                # A plain attribute (the Parameter was removed from module._parameters).
+                module.__dict__[attr] = theta
+
+    def numel(self) -> int:
+        """Number of gated (diff-carrying) base parameters N."""
+        return sum(t.numel for t in self.targets)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - never called directly
+        raise RuntimeError("DiffState is driven by its model's forward pre-hook")

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from conftest import batch, tiny_bert
+
+import diffprune as dp
+from diffprune.errors import ConfigError
+from diffprune.project import top_k_positive
+
+
+def _random_l0_model(seed=0, structured=True):
+    model = dp.prepare_(tiny_bert(), dp.DiffPruneConfig(structured=structured))
+    g = torch.Generator().manual_seed(seed)
+    state = dp.get_state(model)
+    with torch.no_grad():
+        for w, a in zip(state.w, state.log_alpha):
+            w.copy_(torch.randn(w.shape, generator=g))
+            a.copy_(torch.randn(a.shape, generator=g) * 3)
+    return model
+
+
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.05, 0.5])
+def test_projection_keeps_exactly_k_largest(density):
+    model = _random_l0_model()
+    state = dp.get_state(model)
+    deltas = torch.cat([d.detach().reshape(-1) for d in state.deltas()])
+    k = round(density * state.numel())
+    report = dp.project_(model, density=density)
+    assert report.kept == k
+    kept = torch.cat([state.indices(i) for i in range(len(state.targets))])
+    assert kept.numel() == k
+    diff = dp.SparseDiff.from_model(model)
+    assert diff.nnz == k
+    # the kept magnitudes are the k largest of |delta|
+    chosen = torch.cat([t.values for t in diff.tensors]).abs().sort().values
+    assert torch.equal(chosen, deltas.abs().sort().values[-k:])
+
+
+def test_ties_are_broken_deterministically():
+    scores = [torch.ones(10), torch.ones(5), torch.zeros(4)]
+    out = top_k_positive(scores, 12)
+    assert [o.tolist() for o in out] == [list(range(10)), [0, 1], []]
+    assert [o.tolist() for o in top_k_positive(scores, 30)] == [list(range(10)),
+                                                                list(range(5)), []]
+
+
+def test_zeros_are_never_chosen_by_tie_breaking_fill_by_w():
+    model = _random_l0_model()
+    state = dp.get_state(model)
+    with torch.no_grad():
+        for a in state.log_alpha:
+            a.fill_(-20.0)  # every gate closed: delta == 0 everywhere
+        state.log_alpha[0].view(-1)[:3] = 20.0
+    report = dp.project_(model, nnz=50)
+    assert (report.by_delta, report.by_fill, report.short) == (3, 47, 0)
+    model2 = _random_l0_model()
+    with torch.no_grad():
+        for a in dp.get_state(model2).log_alpha:
+            a.fill_(-20.0)
+        for w in dp.get_state(model2).w:
+            w.zero_()
+    report = dp.project_(model2, nnz=50, fill="w")
+    assert (report.kept, report.short) == (0, 50)
+
+
+def test_fixed_mask_training_changes_only_masked_entries_and_head():
+    model = _random_l0_model()
+    dp.project_(model, density=0.02)
+    state = dp.get_state(model)
+    before = [t.detach().clone() for t in state.thetas()]
+    head = model.classifier.weight.detach().clone()
+    opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-2), weight_decay=0.01)
+    model.train()
+    for _ in range(3):
+        model(**batch(), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed_total = 0
+    for i, (b, a) in enumerate(zip(before, state.thetas())):
+        changed = torch.nonzero((a != b).reshape(-1)).squeeze(1)
+        assert set(changed.tolist()) <= set(state.indices(i).tolist())
+        changed_total += changed.numel()
+    assert changed_total > 0
+    assert not torch.equal(model.classifier.weight, head)
+
+
+def test_budget_errors():
+    model = _random_l0_model()
+    with pytest.raises(ConfigError, match="density must be in"):
+        dp.project_(model, density=1.5)
+    with pytest.raises(ConfigError, match="exactly one"):
+        dp.project_(model)
+
+
+def test_random_mask_has_k_positions():
+    model = _random_l0_model()
+    k = dp.random_mask_(model, density=0.1, seed=1)
+    state = dp.get_state(model)
+    assert sum(state.indices(i).numel() for i in range(len(state.targets))) == k
