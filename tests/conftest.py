@@ -42,3 +42,60 @@ def batch(n: int = 4, length: int = 10, seed: int = 1) -> dict:
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+# --- a tiny model directory with a tokenizer, and tiny task files, for CLI tests -------------
+POS = ["good", "great", "fine", "lovely", "superb", "fun"]
+NEG = ["bad", "awful", "dull", "poor", "boring", "weak"]
+FILL = ["the", "film", "was", "a", "movie", "plot", "very", "and", "it", "is"]
+
+
+def _sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILL, 4) + [rng.choice(POS if label else NEG)]
+        rng.shuffle(words)
+        out.append((" ".join(words), label))
+    return out
+
+
+def write_tiny_glue(root):
+    """SST-2, RTE and STS-B folders in the GLUE layout with tiny synthetic content."""
+    (root / "SST-2").mkdir(parents=True)
+    for split, n, seed in (("train", 48, 0), ("dev", 16, 1)):
+        rows = ["sentence\tlabel"] + [f"{s}\t{y}" for s, y in _sentences(n, seed)]
+        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    (root / "STS-B").mkdir()
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for split, n, seed in (("train", 32, 2), ("dev", 12, 3)):
+        pairs = zip(_sentences(n, seed), _sentences(n, seed + 10))
+        rows = [head] + [f"{i}\tg\tf\ty\t{i}\ts\ts\t{a}\t{b}\t{2.5 * (ya + yb)}"
+                         for i, ((a, ya), (b, yb)) in enumerate(pairs)]
+        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_tiny_model_dir(path, seed: int = 0):
+    from transformers import BertTokenizerFast
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILL + list("abcdefg")
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(path)
+    model = tiny_bert(seed=seed)
+    model.config.vocab_size = 99
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny_model") / "m")
+
+
+@pytest.fixture(scope="session")
+def tiny_glue(tmp_path_factory):
+    return write_tiny_glue(tmp_path_factory.mktemp("glue"))

@@ -67,7 +67,7 @@ class DiffState(nn.Module):
         return getattr(self, f"theta0_{i}")
 
     def _drop_trainables(self) -> None:
-        for name in ("w", "log_alpha", "group_log_alpha", "values"):
+        for name in ("w", "log_alpha", "group_log_alpha", "values", "logit_shift"):
             if hasattr(self, name):
                 delattr(self, name)
         for i in range(len(self.targets)):
@@ -96,6 +96,9 @@ class DiffState(nn.Module):
             if self.config.structured:
                 self.group_log_alpha = nn.Parameter(
                     torch.full((len(self.targets),), a, device=self.theta0(0).device))
+            # A logit offset shared by every gate, set by the density controller (penalty.py);
+            # 0 reproduces the paper's gates exactly.
+            self.register_buffer("logit_shift", torch.zeros((), device=self.theta0(0).device))
         if stage == "fixed":
             if indices is None or values is None:
                 raise ValueError("the fixed stage needs indices and values per target")
@@ -114,21 +117,26 @@ class DiffState(nn.Module):
         c = self.config
         return {"left": c.stretch_left, "right": c.stretch_right}
 
+    def logits(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Effective log_alpha per target (and of the group gates): log_alpha + shift."""
+        b = self.logit_shift
+        group = self.group_log_alpha + b if self.config.structured else None
+        return [a + b for a in self.log_alpha], group
+
     def gates(self, stochastic: bool) -> list[torch.Tensor]:
         """z per target (L0 stage), including the group gate when structured."""
         c = self.config
+        elem, group = self.logits()
         if stochastic:
-            zs = [gates.sample_gate(a, temperature=c.temperature, **self.gate_args())
-                  for a in self.log_alpha]
+            def gate(a):
+                return gates.sample_gate(a, temperature=c.temperature, **self.gate_args())
         else:
-            zs = [gates.deterministic_gate(a, **self.gate_args()) for a in self.log_alpha]
-        if not c.structured:
+            def gate(a):
+                return gates.deterministic_gate(a, **self.gate_args())
+        zs = [gate(a) for a in elem]
+        if group is None:
             return zs
-        if stochastic:
-            zg = gates.sample_gate(self.group_log_alpha, temperature=c.temperature,
-                                   **self.gate_args())
-        else:
-            zg = gates.deterministic_gate(self.group_log_alpha, **self.gate_args())
+        zg = gate(group)
         return [z * zg[i] for i, z in enumerate(zs)]
 
     # --- the diff -----------------------------------------------------------------------

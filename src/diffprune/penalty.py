@@ -6,14 +6,18 @@ Expected L0 (Guo, Rush & Kim 2021, Eq. 4 / Sec. 3.2; Louizos et al. 2018):
                 the authors' released code adds the two terms instead of multiplying them)
 with c = temperature * log(-l / r).
 
-The controller replaces a hand-tuned lambda by a Lagrangian on the expected density
-(Wang, Wohlwend & Lei 2020, "Structured Pruning of Large Language Models", Eq. 6-7):
-  penalty = lambda1 * (d - t) + lambda2 * (d - t)^2,
-with d = E[L0] / N and (lambda1, lambda2) raised by gradient *ascent*, so the multiplier grows
-while the density is above target and turns negative (re-opening gates) when it falls below.
+The density controller replaces a hand-tuned lambda. Like the Lagrangian of Wang, Wohlwend &
+Lei (2020, "Structured Pruning of Large Language Models"), it prices the constraint
+E[L0] / N = t with one dual variable; but instead of raising a multiplier by gradient ascent
+(which, with Adam on the gates, overshoots: every gate then moves by ~lr per step whatever its
+task gradient, and all close together), the price is a logit offset b shared by all gates,
+solved each step by a Newton step on log E[density](b) = log t. The expected density so
+follows its schedule by construction, and log_alpha learns only from the task loss which
+entries deserve to be among the open ones.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +39,10 @@ def l0_penalty(model: nn.Module, normalized: bool = False) -> torch.Tensor:
         raise DiffPruneError(f"l0_penalty needs the L0 stage; the model is in {state.stage!r}")
     c = state.config
     kw = {"left": c.stretch_left, "right": c.stretch_right, "temperature": c.temperature}
-    per_tensor = torch.stack([gates.prob_nonzero(a, **kw).sum() for a in state.log_alpha])
-    if c.structured:
-        per_tensor = per_tensor * gates.prob_nonzero(state.group_log_alpha, **kw)
+    elem, group = state.logits()
+    per_tensor = torch.stack([gates.prob_nonzero(a, **kw).sum() for a in elem])
+    if group is not None:
+        per_tensor = per_tensor * gates.prob_nonzero(group, **kw)
     total = per_tensor.sum()
     return total / state.numel() if normalized else total
 
@@ -82,21 +87,40 @@ def _root(model: nn.Module) -> nn.Module:
     return unwrap(model)
 
 
+def _density_and_slope(state) -> tuple[float, float]:
+    """E[density] and its derivative in the shared offset b (one pass over the gates)."""
+    c = state.config
+    shift = gates.l0_shift(c.stretch_left, c.stretch_right, c.temperature)
+    elem, group = state.logits()
+    s, ds = [], []
+    for a in elem:
+        p = torch.sigmoid(a.detach() - shift)
+        s.append(p.sum())
+        ds.append((p * (1 - p)).sum())
+    s, ds = torch.stack(s), torch.stack(ds)
+    if group is None:
+        return float(s.sum()) / state.numel(), float(ds.sum()) / state.numel()
+    pg = torch.sigmoid(group.detach() - shift)
+    dens = (pg * s).sum()
+    slope = (pg * (1 - pg) * s + pg * ds).sum()
+    return float(dens) / state.numel(), float(slope) / state.numel()
+
+
 @dataclass
 class DensityController:
-    """Lagrangian control of the expected density toward ``target`` (fraction of N).
+    """Keeps the expected density E||delta||_0 / N on a schedule that ends at ``target``.
 
-    ``warmup_fraction`` of the phase's steps anneals the target linearly from the initial
-    expected density down to ``target`` (Wang et al. 2020 anneal likewise), so gates close
-    gradually while w learns instead of all at once before w has moved.
+    Over the first ``warmup_fraction`` of ``total_steps`` the target falls from the density at
+    the start to ``target`` (gates close gradually while w learns), then holds. ``schedule``
+    "linear" falls linearly in density (stays dense longer, so w learns before gates close);
+    "geometric" falls linearly in log density.
     """
 
     target: float
     total_steps: int
-    lr: float = 1.0
     warmup_fraction: float = 0.5
-    lambda1: float = 0.0
-    lambda2: float = 0.0
+    schedule: str = "linear"
+    newton_steps: int = 1
     start_density: float | None = None
     step_count: int = 0
 
@@ -104,26 +128,31 @@ class DensityController:
         start = self.start_density if self.start_density is not None else 1.0
         warm = max(1, int(self.warmup_fraction * self.total_steps))
         frac = min(1.0, self.step_count / warm)
-        return start + (self.target - start) * frac
+        if self.schedule == "linear":
+            return start + frac * (self.target - start)
+        return math.exp(math.log(start) + frac * (math.log(self.target) - math.log(start)))
 
-    def penalty(self, density: torch.Tensor) -> torch.Tensor:
-        """The Lagrangian term for the current expected density (differentiable in it)."""
+    @torch.no_grad()
+    def step(self, model: nn.Module) -> float:
+        """Move the offset so that E[density] meets this step's target; returns the density."""
+        state = get_state(model)
+        if state.stage != "l0":
+            raise DiffPruneError("the density controller needs the L0 stage")
+        density, slope = _density_and_slope(state)
         if self.start_density is None:
-            self.start_density = float(density.detach())
-        gap = (density - self.current_target()) / self.target  # relative: scale-free in target
-        return self.lambda1 * gap + self.lambda2 * gap * gap
-
-    def step(self, density: torch.Tensor) -> None:
-        """Gradient ascent on the multipliers (call once per optimizer step)."""
-        gap = float((density.detach() - self.current_target()) / self.target)
-        self.lambda1 += self.lr * gap
-        self.lambda2 += self.lr * gap * gap
+            self.start_density = max(density, self.target)
+        goal = self.current_target()
+        for _ in range(self.newton_steps):
+            # Newton on log density: robust across orders of magnitude; steps bounded.
+            move = (math.log(goal) - math.log(max(density, 1e-30))) * density / max(slope, 1e-30)
+            state.logit_shift += max(-4.0, min(4.0, move))
+            density, slope = _density_and_slope(state)
         self.step_count += 1
+        return density
 
     def state_dict(self) -> dict:
-        return {"lambda1": self.lambda1, "lambda2": self.lambda2,
-                "start_density": self.start_density, "step_count": self.step_count}
+        return {"start_density": self.start_density, "step_count": self.step_count}
 
     def load_state_dict(self, data: dict) -> None:
-        for key, value in data.items():
-            setattr(self, key, value)
+        self.start_density = data["start_density"]
+        self.step_count = data["step_count"]

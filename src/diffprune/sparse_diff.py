@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from torch import nn
 from .codec import EncodedPositions, decode_positions, encode_positions
 from .config import DiffPruneConfig
 from .errors import BaseMismatchError, DiffFormatError, DiffPruneError
+from .fileio import atomic_write_dir
 from .inject import get_state, is_prepared, unwrap
 
 CONFIG_NAME = "diff_config.json"
@@ -57,28 +56,6 @@ def _sha256(data: bytes) -> str:
 
 def _canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _atomic_write_dir(path: Path, files: dict[str, bytes]) -> None:
-    """Write all files into a sibling temp directory, then swap it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "diff")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -187,7 +164,7 @@ class SparseDiff:
         header = self._header(enc)
         blob = st_save(tensors, metadata={"config_sha256": _sha256(_canonical(header))})
         header["payload_sha256"] = _sha256(blob)
-        _atomic_write_dir(path, {WEIGHTS_NAME: blob,
+        atomic_write_dir(path, {WEIGHTS_NAME: blob,
                                  CONFIG_NAME: json.dumps(header, indent=1).encode() + b"\n"})
         return path
 

@@ -1,0 +1,504 @@
+"""One training loop for every method: diff pruning, full finetuning, magnitude, BitFit, random.
+
+Every method is a list of phases over a model prepared with diffprune (Guo, Rush & Kim 2021):
+  diff      : L0 phase (gates + w)  -> projection to k nonzeros -> fixed-mask phase
+  magnitude : dense phase (theta0+w) -> projection              -> fixed-mask phase  (Sec. 5)
+  random    :                          random mask of k entries -> fixed-mask phase  (control)
+  full      : dense phase (theta0+w: plain finetuning, written as a dense diff)
+  bitfit    : dense phase on biases only (Ben Zaken et al. 2022)
+The task head is always trained densely. Dev evaluation after every epoch; the best dev epoch
+of the last phase is kept. Checkpoints (every ``save_every`` steps and at epoch ends) let an
+interrupted run continue with ``resume=True`` and end with the same diff.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import DiffPruneConfig
+from .data import TaskData, compute_metrics, get_task, load_files, load_task
+from .errors import ConfigError, DiffPruneError
+from .fileio import atomic_write_bytes
+from .hf import DEFAULT_MODEL, head_config, load_model
+from .inject import get_state, prepare_
+from .penalty import DensityController, expected_density, l0_penalty, param_groups
+from .project import project_, random_mask_
+from .sparse_diff import SparseDiff
+
+log = logging.getLogger(__name__)
+METHODS = ("diff", "full", "magnitude", "bitfit", "random")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (recorded in results.json and checked on resume)."""
+
+    task: str = "rotten"
+    """Task name (GLUE: cola sst2 mrpc qqp stsb mnli qnli rte wnli; rotten) or a name for files."""
+    out: str = "runs/run"
+    """Run directory: diff/, results.json, metrics.jsonl, checkpoint/."""
+    data_dir: str | None = None
+    """GLUE directory (standard layout); default: the GLUE_DIR environment variable."""
+    train_file: str | None = None
+    """Your own training data (CSV, TSV or JSONL) instead of a built-in task."""
+    dev_file: str | None = None
+    """Your own dev data (CSV, TSV or JSONL), scored after every epoch."""
+    text_column: str = "text"
+    """Column of the text in --train-file/--dev-file."""
+    text_pair_column: str | None = None
+    """Column of the second text, for sentence-pair tasks."""
+    label_column: str = "label"
+    """Column of the label in your files."""
+    regression: bool = False
+    """Your files hold real-valued labels (regression head, Pearson/Spearman)."""
+    model: str = DEFAULT_MODEL
+    """Local Hugging Face model directory or hub id (default: the packaged all-MiniLM-L6-v2)."""
+    method: str = "diff"
+    """diff (L0 -> projection -> fixed mask), full, magnitude, bitfit, or random (a random mask of the same size: the control)."""
+    density: float = 0.005
+    """Fraction of the gated parameters kept after projection (paper: 0.5%)."""
+    structured: bool = True
+    """Structured diff pruning: one extra gate per tensor (paper Sec. 3.2)."""
+    epochs: int = 3
+    """Epochs of the first phase (L0 / dense)."""
+    fixmask_epochs: int = 3
+    """Epochs of the fixed-mask phase after projection."""
+    max_train_samples: int | None = None
+    """Train on a seeded random subset of this many examples."""
+    max_eval_samples: int | None = None
+    """Score a seeded random subset of each dev split."""
+    batch_size: int = 8
+    """Training batch size (paper: 8)."""
+    max_length: int = 128
+    """Maximum tokens per example (longer ones are truncated; batches are padded dynamically)."""
+    seed: int = 42
+    """Seed of the head initialisation, data order, dropout and gate noise."""
+    lr: float = 1e-4
+    """Learning rate of w in the L0 phase (the paper's 1e-5 was tuned for BERT-large)."""
+    lr_full: float = 5e-5
+    """Learning rate of the dense phase (full finetuning, magnitude's first phase, BitFit)."""
+    lr_fixmask: float = 5e-5
+    """Learning rate of the fixed-mask phase (paper: 5e-5)."""
+    lr_gate: float = 0.1
+    """Learning rate of log_alpha (paper: 0.1)."""
+    lr_head: float = 1e-4
+    """Learning rate of the dense task head in every phase."""
+    sparsity: str = "controller"
+    """'controller': the expected density follows a schedule down to --density (a shared gate
+    offset, solved each step; see penalty.py); 'penalty': the paper's fixed --l0-lambda."""
+    l0_lambda: float = 1.25e-7
+    """Weight of E||delta||_0 with --sparsity penalty (paper: 1.25e-7)."""
+    controller_warmup: float = 0.5
+    """Fraction of the L0 phase over which the target density falls to --density; the rest
+    of the phase holds it."""
+    controller_schedule: str = "linear"
+    """How the target falls: 'linear' in density or 'geometric' (linear in log density)."""
+    init_log_alpha: float = 5.0
+    """Initial log_alpha of the gates (paper: 5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the diff and head (never of the gates)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping of the diff and head (paper: 1.0)."""
+    save_every: int = 200
+    """Write a checkpoint every this many steps (and at every epoch end)."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint."""
+    stop_after_steps: int | None = None
+    """Stop as if interrupted after this many optimizer steps (for testing resume)."""
+    values_dtype: str = "float32"
+    """Storage type of the diff values: float32, float16 or bfloat16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 ... ('auto': cuda when available)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        if self.sparsity not in ("controller", "penalty"):
+            raise ConfigError(f"sparsity must be 'controller' or 'penalty', got {self.sparsity!r}")
+        if (self.train_file is None) != (self.dev_file is None):
+            raise ConfigError("give both --train-file and --dev-file")
+        for name in ("epochs", "fixmask_epochs", "batch_size", "max_length"):
+            if getattr(self, name) < (0 if "epochs" in name else 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def fingerprint(self) -> dict:
+        """The fields that must match for --resume to continue a run."""
+        skip = {"resume", "stop_after_steps", "out", "save_every", "device"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass
+class Phase:
+    name: str
+    stage: str
+    epochs: int
+    lr: float
+
+
+class TrainingInterrupted(DiffPruneError):
+    """The run stopped early (signal or stop_after_steps) after writing a checkpoint."""
+
+
+def plan(cfg: TrainConfig) -> list[Phase]:
+    fix = Phase("fixmask", "fixed", cfg.fixmask_epochs, cfg.lr_fixmask)
+    return {"diff": [Phase("l0", "l0", cfg.epochs, cfg.lr), fix],
+            "magnitude": [Phase("dense", "dense", cfg.epochs, cfg.lr_full), fix],
+            "random": [fix],
+            "full": [Phase("dense", "dense", cfg.epochs, cfg.lr_full)],
+            "bitfit": [Phase("dense", "dense", cfg.epochs, cfg.lr_full)]}[cfg.method]
+
+
+def load_data(cfg: TrainConfig) -> TaskData:
+    if cfg.train_file:
+        return load_files(cfg.train_file, cfg.dev_file, cfg.text_column, cfg.text_pair_column,
+                          cfg.label_column, cfg.regression, name=cfg.task)
+    return load_task(get_task(cfg.task), cfg.data_dir)
+
+
+def subsample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded random subset of n rows (all rows if n is None or larger)."""
+    if n is None or n >= len(rows):
+        return rows
+    keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:n])
+    return [rows[i] for i in keep]
+
+
+def tokenize(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    texts = [r["text"] for r in rows]
+    pairs = [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": r["label"]} for i, r in enumerate(rows)]
+
+
+def collate(tokenizer, items: list[dict], device) -> dict:
+    labels = torch.tensor([it["labels"] for it in items])
+    feats = tokenizer.pad([{k: v for k, v in it.items() if k != "labels"} for it in items],
+                          return_tensors="pt")
+    out = {k: v.to(device) for k, v in feats.items()}
+    out["labels"] = (labels.float() if labels.is_floating_point() else labels).to(device)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, spec, dev: dict[str, list[dict]], batch_size: int,
+             device) -> dict:
+    """Metrics per dev split (percent) and ``score``, the mean over splits."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, items in dev.items():
+        preds = []
+        for i in range(0, len(items), batch_size * 4):
+            batch = collate(tokenizer, items[i:i + batch_size * 4], device)
+            batch.pop("labels")
+            logits = model(**batch).logits.float().cpu()
+            preds.append(logits[:, 0] if spec.is_regression else logits.argmax(-1))
+        gold = np.array([it["labels"] for it in items])
+        out[split] = compute_metrics(spec.metrics, torch.cat(preds).numpy(), gold)
+    out["score"] = float(np.mean([m["score"] for m in out.values()]))
+    model.train(was_training)
+    return out
+
+
+class Trainer:
+    """Runs the phases of one method; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.phases = plan(cfg)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                                   if cfg.device == "auto" else cfg.device)
+        self.data = load_data(cfg)
+        self.spec = self.data.task
+        self.model, self.tokenizer = load_model(cfg.model, head_config(self.spec), cfg.seed)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        targets = (r"\.bias$",) if cfg.method == "bitfit" else (".*",)
+        first_stage = "dense" if self.phases[0].stage == "fixed" else self.phases[0].stage
+        prepare_(self.model, DiffPruneConfig(target_patterns=targets, structured=cfg.structured,
+                                             init_log_alpha=cfg.init_log_alpha), first_stage)
+        self.model.to(self.device)
+        train_rows = subsample(self.data.train, cfg.max_train_samples, cfg.seed)
+        dev_rows = {k: subsample(v, cfg.max_eval_samples, cfg.seed)
+                    for k, v in self.data.dev.items()}
+        self.train_items = tokenize(self.tokenizer, train_rows, cfg.max_length)
+        self.dev_items = {k: tokenize(self.tokenizer, v, cfg.max_length)
+                          for k, v in dev_rows.items()}
+        self.pos = {"phase": 0, "epoch": 0, "batch": 0, "global_step": 0, "phase_started": False}
+        self.results: dict = {"phases": {}}
+        self.best: dict | None = None
+        self.controller: DensityController | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.elapsed = 0.0
+        self._stop = False
+
+    # --- phase set-up -------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return (len(self.train_items) + self.cfg.batch_size - 1) // self.cfg.batch_size
+
+    def _enter_phase(self, phase: Phase) -> None:
+        state = get_state(self.model)
+        if phase.stage == "fixed" and state.stage != "fixed":
+            if self.cfg.method == "random":
+                k = random_mask_(self.model, density=self.cfg.density, seed=self.cfg.seed)
+                self.results["projection"] = {"k": k, "random": True}
+            else:
+                report = project_(self.model, density=self.cfg.density)
+                self.results["projection"] = dataclasses.asdict(report)
+            self.model.to(self.device)
+            self.results["projection"]["dev"] = self._eval()
+            self._log({"event": "projection", **self.results["projection"]})
+        self._make_optimizer(phase)
+        self.controller = None
+        if phase.stage == "l0" and self.cfg.sparsity == "controller":
+            self.controller = DensityController(
+                self.cfg.density, phase.epochs * self.steps_per_epoch(),
+                self.cfg.controller_warmup, self.cfg.controller_schedule)
+
+    def _make_optimizer(self, phase: Phase) -> None:
+        groups = param_groups(self.model, phase.lr, self.cfg.lr_gate, self.cfg.lr_head,
+                              self.cfg.weight_decay)
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        self.optimizer = torch.optim.AdamW(groups, lr=phase.lr)
+
+    # --- one step -----------------------------------------------------------------------
+    def _lr_factor(self, phase: Phase, step_in_phase: int) -> float:
+        total = max(1, phase.epochs * self.steps_per_epoch())
+        return max(0.0, 1.0 - step_in_phase / total)  # linear decay to 0
+
+    def _step(self, phase: Phase, batch: dict, step_in_phase: int) -> dict:
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * self._lr_factor(phase, step_in_phase)
+        info = {}
+        if self.controller is not None:
+            info["density"] = self.controller.step(self.model)  # before the forward uses it
+        loss = self.model(**batch).loss
+        total = loss
+        info["loss"] = float(loss.detach())
+        if phase.stage == "l0" and self.controller is None:
+            penalty = l0_penalty(self.model)
+            total = total + self.cfg.l0_lambda * penalty
+            info["density"] = float(penalty) / get_state(self.model).numel()
+        total.backward()
+        clip = [p for g in self.optimizer.param_groups if g["name"] != "gates"
+                for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(clip, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return info
+
+    def _eval(self) -> dict:
+        return evaluate(self.model, self.tokenizer, self.spec, self.dev_items,
+                        self.cfg.batch_size, self.device)
+
+    # --- main loop ----------------------------------------------------------------------
+    def run(self) -> dict:
+        if self.cfg.resume and ckpt.exists(self.out / "checkpoint"):
+            self._restore()
+        elif self.cfg.resume:
+            log.warning("no checkpoint in %s: starting from scratch", self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.pos["global_step"]:
+            torch.manual_seed(self.cfg.seed)  # dropout and gate noise; restored on resume
+        handlers = self._install_signal_handlers()
+        start = time.perf_counter() - self.elapsed
+        try:
+            self._run_phases(start)
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+        self.elapsed = time.perf_counter() - start
+        return self._finish()
+
+    def _run_phases(self, start: float) -> None:
+        steps = self.steps_per_epoch()
+        for pi in range(self.pos["phase"], len(self.phases)):
+            phase = self.phases[pi]
+            if not self.pos["phase_started"]:
+                self._enter_phase(phase)
+                self.pos["phase_started"] = True
+            bar = tqdm(total=phase.epochs * steps, initial=self.pos["epoch"] * steps +
+                       self.pos["batch"], desc=f"{self.cfg.method}:{phase.name}",
+                       dynamic_ncols=True, disable=None)
+            for epoch in range(self.pos["epoch"], phase.epochs):
+                order = torch.randperm(len(self.train_items), generator=torch.Generator()
+                                       .manual_seed(self.cfg.seed * 1000 + pi * 100 + epoch))
+                for b in range(self.pos["batch"], steps):
+                    idx = order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
+                    batch = collate(self.tokenizer, [self.train_items[i] for i in idx],
+                                    self.device)
+                    info = self._step(phase, batch, epoch * steps + b)
+                    self.pos.update(batch=b + 1, global_step=self.pos["global_step"] + 1)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()})
+                    if self.pos["global_step"] % 50 == 0:
+                        self._log({"phase": phase.name, "epoch": epoch,
+                                   "step": self.pos["global_step"], **info})
+                    if self._should_stop():
+                        self.elapsed = time.perf_counter() - start
+                        self._checkpoint()
+                        bar.close()
+                        raise TrainingInterrupted(
+                            f"stopped after step {self.pos['global_step']}; continue with "
+                            f"--resume (checkpoint in {self.out / 'checkpoint'})")
+                    if self.pos["global_step"] % self.cfg.save_every == 0:
+                        self.elapsed = time.perf_counter() - start
+                        self._checkpoint()
+                self._end_epoch(pi, phase, epoch)
+                self.pos.update(epoch=epoch + 1, batch=0)
+                self.elapsed = time.perf_counter() - start
+                self._checkpoint()
+            bar.close()
+            self.results["phases"][phase.name] = self._phase_summary(pi, phase)
+            self.pos.update(phase=pi + 1, epoch=0, batch=0, phase_started=False)
+
+    def _should_stop(self) -> bool:
+        limit = self.cfg.stop_after_steps
+        return self._stop or (limit is not None and self.pos["global_step"] >= limit)
+
+    def _end_epoch(self, pi: int, phase: Phase, epoch: int) -> None:
+        metrics = self._eval()
+        record = {"event": "eval", "phase": phase.name, "epoch": epoch, "dev": metrics,
+                  "expected_density": expected_density(self.model)}
+        self._log(record)
+        log.info("%s epoch %d: dev %.2f, density %.5f", phase.name, epoch, metrics["score"],
+                 record["expected_density"])
+        if pi == len(self.phases) - 1 and (self.best is None or
+                                           metrics["score"] > self.best["dev"]["score"]):
+            self.best = {"epoch": epoch, "dev": metrics, "tensors": self._trainables()}
+
+    def _phase_summary(self, pi: int, phase: Phase) -> dict:
+        summary = {"expected_density": expected_density(self.model)}
+        if pi == len(self.phases) - 1 and self.best is not None:
+            summary.update(dev=self.best["dev"], best_epoch=self.best["epoch"])
+        else:
+            summary["dev"] = self._eval()
+        if self.controller is not None:
+            summary["controller"] = self.controller.state_dict()
+        return summary
+
+    # --- state ----------------------------------------------------------------------------
+    def _trainables(self) -> dict[str, torch.Tensor]:
+        state = get_state(self.model)
+        out = {f"model.{k}": v.detach().clone() for k, v in state.state_dict().items()}
+        out.update({f"dense.{n}": self.model.get_parameter(n).detach().clone()
+                    for n in state.dense_names})
+        return out
+
+    def _load_trainables(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+        state = get_state(self.model)
+        model_sd = {k[len(prefix) + 6:]: v for k, v in tensors.items()
+                    if k.startswith(prefix + "model.")}
+        if any(k.startswith("values.") for k in model_sd) and state.stage != "fixed":
+            n = len(state.targets)
+            state.set_stage_("fixed", [model_sd[f"indices_{i}"] for i in range(n)],
+                             [model_sd[f"values.{i}"] for i in range(n)])
+        state.load_state_dict(model_sd)
+        with torch.no_grad():
+            for n in state.dense_names:
+                self.model.get_parameter(n).copy_(tensors[f"{prefix}dense.{n}"])
+        self.model.to(self.device)
+
+    def _checkpoint(self) -> None:
+        tensors = self._trainables()
+        opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
+        tensors.update(opt_tensors)
+        tensors.update(ckpt.rng_state())
+        if self.best is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best["tensors"].items()})
+        meta = {"config": self.cfg.fingerprint(), "pos": self.pos, "results": self.results,
+                "optimizer": opt_meta, "elapsed": self.elapsed,
+                "controller": self.controller.state_dict() if self.controller else None,
+                "best": None if self.best is None else {k: v for k, v in self.best.items()
+                                                        if k != "tensors"}}
+        ckpt.save_checkpoint(self.out / "checkpoint", tensors, meta)
+
+    def _restore(self) -> None:
+        tensors, meta = ckpt.load_checkpoint(self.out / "checkpoint")
+        if meta["config"] != self.cfg.fingerprint():
+            changed = sorted(k for k, v in self.cfg.fingerprint().items()
+                             if meta["config"].get(k) != v)
+            raise ConfigError(f"cannot resume {self.out}: the run was started with different "
+                              f"settings ({', '.join(changed)})")
+        self._load_trainables(tensors)
+        self.pos, self.results, self.elapsed = meta["pos"], meta["results"], meta["elapsed"]
+        phase = self.phases[self.pos["phase"]]
+        self._make_optimizer(phase)
+        ckpt.optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+        if meta["controller"] is not None:
+            self.controller = DensityController(self.cfg.density, phase.epochs *
+                                                self.steps_per_epoch(), self.cfg.controller_warmup,
+                                                self.cfg.controller_schedule)
+            self.controller.load_state_dict(meta["controller"])
+        if meta["best"] is not None:
+            self.best = {**meta["best"], "tensors": {k[5:]: v for k, v in tensors.items()
+                                                     if k.startswith("best.")}}
+        ckpt.set_rng_state(tensors)
+        log.info("resumed %s at step %d", self.out, self.pos["global_step"])
+
+    def _install_signal_handlers(self) -> dict:
+        def handler(signum, frame):
+            self._stop = True  # finish the current step, checkpoint, then stop
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # --- outputs --------------------------------------------------------------------------
+    def _finish(self) -> dict:
+        if self.best is not None:
+            self._load_trainables(self.best["tensors"])
+        diff = SparseDiff.from_model(self.model, base_model=self.cfg.model,
+                                     metadata=self._diff_metadata(),
+                                     values_dtype=self.cfg.values_dtype)
+        path = diff.save(self.out / "diff")
+        state = get_state(self.model)
+        diff_bytes = sum(f.stat().st_size for f in path.iterdir())
+        final = self.best["dev"] if self.best else self._eval()
+        results = {
+            "task": self.spec.name, "method": self.cfg.method, "seed": self.cfg.seed,
+            "dev": final, "score": final["score"], "data_source": self.data.source,
+            "train_examples": len(self.train_items),
+            "density": diff.nnz / state.numel(), "nnz": diff.nnz,
+            "gated_params": state.numel(), "dense_params": sum(v.numel() for v in
+                                                              diff.dense.values()),
+            "total_params": self.total_params, "diff_bytes": diff_bytes,
+            "position_bits_per_nnz": diff.position_bits(),
+            "wall_time_s": self.elapsed, "train_steps": self.pos["global_step"],
+            **self.results, "config": dataclasses.asdict(self.cfg),
+        }
+        atomic_write_bytes(self.out / "results.json", json.dumps(results, indent=1).encode())
+        return results
+
+    def _diff_metadata(self) -> dict:
+        spec = self.spec
+        return {"task": spec.name, "labels": list(spec.labels) if spec.labels else None,
+                "metrics": list(spec.metrics), "pair": self.data.train[0]["text_pair"] is not None,
+                "max_length": self.cfg.max_length, "method": self.cfg.method,
+                "head": head_config(spec)}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run ``cfg`` end to end; returns the results dict (also written to results.json)."""
+    return Trainer(cfg).run()
