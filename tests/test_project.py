@@ -96,3 +96,19 @@ def test_random_mask_has_k_positions():
     k = dp.random_mask_(model, density=0.1, seed=1)
     state = dp.get_state(model)
     assert sum(state.indices(i).numel() for i in range(len(state.targets))) == k
+
+
+@pytest.mark.parametrize("target", [0.001, 0.01, 0.2])
+@pytest.mark.parametrize("structured", [True, False])
+def test_density_controller_reaches_target(target, structured):
+    model = _random_l0_model(structured=structured)
+    ctl = dp.DensityController(target, total_steps=60, warmup_fraction=0.5)
+    opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-2, lr_gate=0.1))
+    model.train()
+    for _ in range(60):
+        ctl.step(model)
+        model(**batch(), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    density = dp.expected_density(model)
+    assert target / 1.2 < density < target * 1.2, density

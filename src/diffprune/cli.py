@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
 import dataclasses
 import inspect
 import json
@@ -211,7 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_allocator() -> None:
+    """Keep large freed blocks in glibc's heap instead of returning them to the OS.
+
+    A training step allocates many N-sized temporaries; with glibc's default each one is a
+    fresh mmap that page-faults on first touch (~50 ms per 90 MB here). Reusing heap memory
+    made a MiniLM step 1.8x faster on CPU, for finetuning and diff pruning alike (the same
+    reason PyTorch's CPU tuning guide recommends jemalloc or tcmalloc). No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")

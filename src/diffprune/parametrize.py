@@ -22,6 +22,7 @@ from torch import nn
 
 from . import gates
 from .config import DiffPruneConfig
+from .fused import GatedDelta
 
 STAGES = ("l0", "dense", "fixed")
 STATE_ATTR = "diffprune"
@@ -164,11 +165,44 @@ class DiffState(nn.Module):
                 flat = t0.reshape(-1).to(v.dtype).index_add(0, self.indices(i), v)
                 out.append(flat.view(t0.shape).to(t0.dtype))
             return out
+        if self.stage == "l0":
+            return self._l0_thetas(stochastic)
         return [(self.theta0(i) + d).to(self.theta0(i).dtype)
                 for i, d in enumerate(self.deltas(stochastic))]
 
+    def _l0_thetas(self, stochastic: bool) -> list[torch.Tensor]:
+        """The L0 stage through the fused gate (fused.py): same values as deltas(), less
+        memory and fewer passes."""
+        c = self.config
+        elem, group = self.logits()
+        if group is None:
+            zg = torch.ones(len(self.targets), device=self.theta0(0).device)
+        elif stochastic:
+            zg = gates.sample_gate(group, temperature=c.temperature, **self.gate_args())
+        else:
+            zg = gates.deterministic_gate(group, **self.gate_args())
+        return [GatedDelta.apply(self.theta0(i), w, a, zg[i], c.stretch_left, c.stretch_right,
+                                 c.temperature if stochastic else 1.0, stochastic)
+                for i, (w, a) in enumerate(zip(self.w, elem))]
+
+    def _version(self) -> tuple:
+        """Changes whenever a trainable tensor of the diff or the stage changes."""
+        return (self.stage, *(p._version for p in self.parameters()),
+                *(id(p) for p in self.parameters()), self.logit_shift._version
+                if hasattr(self, "logit_shift") else 0)
+
     def materialize(self, stochastic: bool) -> None:
-        """Set theta on every owning module (called before each forward of the root)."""
+        """Set theta on every owning module (called before each forward of the root).
+
+        In eval mode theta is deterministic, so it is computed once and reused until a
+        parameter changes (evaluation over many batches pays for it once)."""
+        if not stochastic and not torch.is_grad_enabled():
+            key = self._version()
+            if getattr(self, "_eval_key", None) == key:
+                return
+            self._eval_key = key
+        else:
+            self._eval_key = None
         for target, theta in zip(self.targets, self.thetas(stochastic)):
             for module, attr in target.owners:
                 # A plain attribute (the Parameter was removed from module._parameters).

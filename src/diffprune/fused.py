@@ -1,0 +1,52 @@
+"""theta = theta0 + z * w with the hard-concrete gate fused into one autograd Function.
+
+Plain autograd keeps every intermediate of the gate (noise, pre-sigmoid, sigmoid, stretched,
+clamped) for backward. This Function keeps only the elementwise gate z (before the group
+gate) and recomputes the rest in backward from it: inside the unclamped region the sigmoid
+value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) / temperature, and
+it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate (tested against it).
+"""
+from __future__ import annotations
+
+import torch
+
+from .gates import _U_EPS
+
+
+class GatedDelta(torch.autograd.Function):
+    """theta0 + (z * zg) * w, z ~ hard-concrete(log_alpha); differentiable in w, log_alpha, zg."""
+
+    @staticmethod
+    def forward(ctx, theta0, w, log_alpha, zg, left: float, right: float, temperature: float,
+                stochastic: bool):
+        with torch.no_grad():
+            if stochastic:
+                z = torch.rand_like(log_alpha).logit_(_U_EPS).add_(log_alpha)
+            else:
+                z = log_alpha.clone()
+                temperature = 1.0  # the test-time gate has no temperature
+            if temperature != 1.0:
+                z.div_(temperature)
+            z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)  # (same shape)
+            scale = z * zg
+            theta = torch.addcmul(theta0.to(w.dtype), scale, w).to(theta0.dtype)
+        ctx.save_for_backward(z, w, zg)
+        ctx.consts = (left, right, temperature)
+        return theta
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, w, zg = ctx.saved_tensors
+        left, right, temperature = ctx.consts
+        grad = grad.to(w.dtype)
+        grad_w = grad_a = grad_zg = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad * z * zg
+        gw = grad * w  # dL/d(z * zg)
+        if ctx.needs_input_grad[2]:
+            s = (z - left) / (right - left)
+            inside = (z > 0) & (z < 1)
+            grad_a = gw * zg * s * (1 - s) * ((right - left) / temperature) * inside
+        if ctx.needs_input_grad[3]:
+            grad_zg = (gw * z).sum().reshape(zg.shape)
+        return None, grad_w, grad_a, grad_zg, None, None, None, None

@@ -1,0 +1,36 @@
+"""The fused gate (fused.GatedDelta) equals the plain autograd formulation."""
+import pytest
+import torch
+
+from diffprune import gates
+from diffprune.fused import GatedDelta
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2 / 3])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_fused_gate_matches_autograd(temperature, stochastic):
+    torch.manual_seed(0)
+    theta0 = torch.randn(64, 33)
+    w0, a0 = torch.randn(64, 33) * 0.1, torch.randn(64, 33) * 2
+    zg0 = torch.tensor(0.7)
+    upstream = torch.randn(64, 33)
+
+    def run(fused: bool):
+        w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
+        torch.manual_seed(1)
+        if fused:
+            theta = GatedDelta.apply(theta0, w, a, zg, -1.5, 1.5, temperature, stochastic)
+        else:
+            if stochastic:
+                u = torch.rand_like(a)
+                z = gates.sample_gate(a, u=u, temperature=temperature)
+            else:
+                z = gates.deterministic_gate(a)
+            theta = theta0 + z * zg * w
+        (theta * upstream).sum().backward()
+        return theta, w.grad, a.grad, zg.grad
+
+    plain, fused = run(False), run(True)
+    for x, y in zip(plain, fused):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
+    assert (fused[2] != 0).any() and (fused[2] == 0).any()  # clamped entries get no gradient
