@@ -34,3 +34,20 @@ def test_fused_gate_matches_autograd(temperature, stochastic):
     for x, y in zip(plain, fused):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
     assert (fused[2] != 0).any() and (fused[2] == 0).any()  # clamped entries get no gradient
+
+
+def test_expected_gate_gradient_reaches_clamped_gates():
+    torch.manual_seed(0)
+    theta0, w = torch.randn(500), torch.randn(500)
+    a = torch.full((500,), -6.0, requires_grad=True)  # almost surely closed
+    torch.manual_seed(1)
+    sampled = GatedDelta.apply(theta0, w, a, torch.tensor(1.0), -1.5, 1.5, 1.0, True, False)
+    sampled.sum().backward()
+    assert (a.grad == 0).float().mean() > 0.95  # the paper's gradient: almost all zero
+    b = a.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    expected = GatedDelta.apply(theta0, w, b, torch.tensor(1.0), -1.5, 1.5, 1.0, True, True)
+    expected.sum().backward()
+    assert torch.equal(sampled, expected)  # same forward
+    p = torch.sigmoid(torch.tensor(-6.0))
+    assert torch.allclose(b.grad, w * p * (1 - p))  # g * w * sigma'(a - c), g = 1

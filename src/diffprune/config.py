@@ -38,6 +38,9 @@ class DiffPruneConfig:
     """Right end r of the stretched interval (paper: 1.5)."""
     temperature: float = 1.0
     """Temperature of the concrete relaxation (paper's code: 1)."""
+    gate_grad: str = "sampled"
+    """Gradient of the gates: 'sampled' (the paper: through the sampled hard-concrete gate) or
+    'expected' (through d/dlog_alpha P(gate open); every gate learns every step, see fused.py)."""
 
     def __post_init__(self) -> None:
         for name in ("target_patterns", "exclude_patterns", "dense_patterns"):
@@ -55,6 +58,8 @@ class DiffPruneConfig:
             raise ConfigError(f"stretch_left must be < 0, got {self.stretch_left}")
         if not self.stretch_right > 1.0:
             raise ConfigError(f"stretch_right must be > 1, got {self.stretch_right}")
+        if self.gate_grad not in ("sampled", "expected"):
+            raise ConfigError(f"gate_grad must be 'sampled' or 'expected', got {self.gate_grad!r}")
         if not self.temperature > 0.0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not -50.0 <= self.init_log_alpha <= 50.0:

@@ -5,8 +5,17 @@ clamped) for backward. This Function keeps only the elementwise gate z (before t
 gate) and recomputes the rest in backward from it: inside the unclamped region the sigmoid
 value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) / temperature, and
 it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate (tested against it).
+
+``expected_grad=True`` swaps that sampled derivative for the derivative of the probability
+that the gate is open, d/da P(z != 0) = sigma'(a - c) (a smoothed, always-positive surrogate
+of d E[z] / da). A gate that is clamped at the sampled noise still learns g * w, the first-order
+change of the loss if it opened or closed. With few training steps and low densities, the
+sampled derivative is zero for almost every gate at almost every step and the gates do not
+separate; see bench/README.md for the measurements behind the default.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -18,7 +27,7 @@ class GatedDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta0, w, log_alpha, zg, left: float, right: float, temperature: float,
-                stochastic: bool):
+                stochastic: bool, expected_grad: bool = False):
         with torch.no_grad():
             if stochastic:
                 z = torch.rand_like(log_alpha).logit_(_U_EPS).add_(log_alpha)
@@ -30,23 +39,26 @@ class GatedDelta(torch.autograd.Function):
             z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)  # (same shape)
             scale = z * zg
             theta = torch.addcmul(theta0.to(w.dtype), scale, w).to(theta0.dtype)
-        ctx.save_for_backward(z, w, zg)
-        ctx.consts = (left, right, temperature)
+        ctx.save_for_backward(z, w, zg, log_alpha if expected_grad else None)
+        ctx.consts = (left, right, temperature, expected_grad)
         return theta
 
     @staticmethod
     def backward(ctx, grad):
-        z, w, zg = ctx.saved_tensors
-        left, right, temperature = ctx.consts
+        z, w, zg, log_alpha = ctx.saved_tensors
+        left, right, temperature, expected_grad = ctx.consts
         grad = grad.to(w.dtype)
         grad_w = grad_a = grad_zg = None
         if ctx.needs_input_grad[1]:
             grad_w = grad * z * zg
         gw = grad * w  # dL/d(z * zg)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and expected_grad:
+            p = torch.sigmoid(log_alpha - temperature * math.log(-left / right))
+            grad_a = gw * zg * p * (1 - p)
+        elif ctx.needs_input_grad[2]:
             s = (z - left) / (right - left)
             inside = (z > 0) & (z < 1)
             grad_a = gw * zg * s * (1 - s) * ((right - left) / temperature) * inside
         if ctx.needs_input_grad[3]:
             grad_zg = (gw * z).sum().reshape(zg.shape)
-        return None, grad_w, grad_a, grad_zg, None, None, None, None
+        return None, grad_w, grad_a, grad_zg, None, None, None, None, None

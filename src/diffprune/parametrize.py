@@ -181,8 +181,9 @@ class DiffState(nn.Module):
             zg = gates.sample_gate(group, temperature=c.temperature, **self.gate_args())
         else:
             zg = gates.deterministic_gate(group, **self.gate_args())
+        expected = c.gate_grad == "expected"
         return [GatedDelta.apply(self.theta0(i), w, a, zg[i], c.stretch_left, c.stretch_right,
-                                 c.temperature if stochastic else 1.0, stochastic)
+                                 c.temperature if stochastic else 1.0, stochastic, expected)
                 for i, (w, a) in enumerate(zip(self.w, elem))]
 
     def _version(self) -> tuple:

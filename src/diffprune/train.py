@@ -103,6 +103,8 @@ class TrainConfig:
     of the phase holds it."""
     controller_schedule: str = "linear"
     """How the target falls: 'linear' in density or 'geometric' (linear in log density)."""
+    gate_grad: str = "sampled"
+    """'sampled' (the paper's gate gradient) or 'expected' (every gate learns every step)."""
     init_log_alpha: float = 5.0
     """Initial log_alpha of the gates (paper: 5)."""
     weight_decay: float = 0.0
@@ -229,7 +231,8 @@ class Trainer:
         targets = (r"\.bias$",) if cfg.method == "bitfit" else (".*",)
         first_stage = "dense" if self.phases[0].stage == "fixed" else self.phases[0].stage
         prepare_(self.model, DiffPruneConfig(target_patterns=targets, structured=cfg.structured,
-                                             init_log_alpha=cfg.init_log_alpha), first_stage)
+                                             init_log_alpha=cfg.init_log_alpha,
+                                             gate_grad=cfg.gate_grad), first_stage)
         self.model.to(self.device)
         train_rows = subsample(self.data.train, cfg.max_train_samples, cfg.seed)
         dev_rows = {k: subsample(v, cfg.max_eval_samples, cfg.seed)
