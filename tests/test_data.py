@@ -63,3 +63,17 @@ def test_metrics_known_values():
     assert out["score"] == pytest.approx((out["f1"] + 60.0) / 2)
     reg = compute(("pearson", "spearman"), np.array([1.0, 2, 3]), np.array([2.0, 4, 7]))
     assert reg["spearman"] == pytest.approx(100.0)
+
+
+def test_no_glue_source_is_a_clear_error(monkeypatch):
+    import builtins
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DataError, match="pass --data-dir or set GLUE_DIR"):
+        load_task(get_task("rte"))

@@ -184,3 +184,27 @@ def test_corrupt_files_always_raise_diff_format_error(saved, tmp_path_factory, d
     # load, and then it must describe exactly the original diff.
     assert name == CONFIG_NAME
     assert json.loads(bytes(raw)) == json.loads((saved / CONFIG_NAME).read_bytes())
+
+
+def _tiny(kind: str):
+    from transformers import (MPNetConfig, MPNetForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
+    torch.manual_seed(0)
+    common = dict(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=80, num_labels=2)
+    if kind == "roberta":
+        return RobertaForSequenceClassification(RobertaConfig(**common)).eval()
+    return MPNetForSequenceClassification(MPNetConfig(**common)).eval()
+
+
+@pytest.mark.parametrize("kind", ["roberta", "mpnet"])
+def test_roberta_and_mpnet_round_trip(kind, tmp_path):
+    model = _trained(lambda: _tiny(kind), density=0.05)
+    assert set(dp.get_state(model).dense_names) == {
+        n for n, _ in _tiny(kind).named_parameters() if n.startswith("classifier.")}
+    diff = dp.SparseDiff.from_model(model)
+    diff.save(tmp_path / kind)
+    base = _tiny(kind)
+    dp.SparseDiff.load(tmp_path / kind).apply_(base)
+    b = batch()
+    assert torch.allclose(base(**b).logits, model(**b).logits, atol=1e-6)
