@@ -83,6 +83,12 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir, tiny_gl
     assert rc == 2 and "different settings (density)" in capsys.readouterr().err
 
 
+def test_unstructured_flag(tmp_path, tiny_model_dir, tiny_glue):
+    rc, run = _train(tmp_path, tiny_model_dir, tiny_glue, "--unstructured", "--epochs", "1")
+    assert rc == 0
+    assert dp.SparseDiff.load(run / "diff").config.structured is False
+
+
 @pytest.mark.parametrize("method", ["full", "magnitude", "bitfit", "random"])
 def test_baseline_methods(tmp_path, tiny_model_dir, tiny_glue, method):
     rc, run = _train(tmp_path, tiny_model_dir, tiny_glue, "--method", method)

@@ -50,6 +50,9 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: dict | None =
         if hints[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
+            if f.name == "structured":
+                parser.add_argument("--unstructured", dest="structured", action="store_false",
+                                    help="same as --no-structured")
             continue
         kind = typing.get_args(hints[f.name]) or (hints[f.name],)
         convert = next(t for t in kind if t is not type(None))
