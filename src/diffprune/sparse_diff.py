@@ -192,8 +192,9 @@ class SparseDiff:
         return _from_parts(header, tensors, path)
 
     # --- apply / restore ----------------------------------------------------------------
-    def check_base(self, model: nn.Module) -> None:
-        """Raise BaseMismatchError unless ``model`` is the base this diff was made from."""
+    def check_base(self, model: nn.Module, swap_heads: bool = False) -> None:
+        """Raise BaseMismatchError unless ``model`` is the base this diff was made from.
+        ``swap_heads`` accepts task heads of another shape (they are swapped in whole)."""
         root = unwrap(model)
         params = dict(root.named_parameters())
         for t in self.tensors:
@@ -206,7 +207,7 @@ class SparseDiff:
                                         f"model {tuple(p.shape)}")
         for n, v in self.dense.items():
             p = params.get(n)
-            if p is None or tuple(p.shape) != tuple(v.shape):
+            if p is None or (tuple(p.shape) != tuple(v.shape) and not swap_heads):
                 got = None if p is None else tuple(p.shape)
                 raise BaseMismatchError(f"task head {n}: diff has shape {tuple(v.shape)}, "
                                         f"model has {got} (wrong number of labels?)")
@@ -218,17 +219,20 @@ class SparseDiff:
                 "to apply anyway")
 
     @torch.no_grad()
-    def apply_(self, model: nn.Module, force: bool = False, check: bool = True) -> nn.Module:
+    def apply_(self, model: nn.Module, force: bool = False, check: bool = True,
+               swap_heads: bool = False) -> nn.Module:
         """Add the diff to a plain (unprepared) model in place; keep what it overwrites so
         that :meth:`restore_` is bit-exact. ``check=False`` skips the fingerprint (the caller
-        has verified it, e.g. a DiffBank), ``force=True`` ignores a mismatch."""
+        has verified it, e.g. a DiffBank), ``force=True`` ignores a mismatch. With
+        ``swap_heads`` a task head of another shape (another label count) replaces the
+        model's head Parameter, and restore_ puts the original Parameter object back."""
         root = unwrap(model)
         if is_prepared(root):
             raise DiffPruneError("apply_ needs a plain model; this one is prepared for training")
         if getattr(root, _APPLIED_ATTR, None) is not None:
             raise DiffPruneError("a diff is already applied to this model: restore_ it first")
         if check and not force:
-            self.check_base(root)
+            self.check_base(root, swap_heads)
         saved, dense_saved = [], {}
         for t in self.tensors:
             flat = root.get_parameter(t.name).data.view(-1)
@@ -239,8 +243,17 @@ class SparseDiff:
             flat[idx] = (flat[idx].to(vals.dtype) + vals).to(flat.dtype)
         for n, v in self.dense.items():
             p = root.get_parameter(n)
-            dense_saved[n] = p.data.clone()
-            p.data.copy_(v)
+            if tuple(p.shape) == tuple(v.shape):
+                dense_saved[n] = p.data.clone()
+                p.data.copy_(v)
+            elif swap_heads:
+                module, attr = _owner(root, n)
+                dense_saved[n] = p  # the Parameter object itself
+                module._parameters[attr] = nn.Parameter(v.to(p.device, p.dtype).clone(),
+                                                        requires_grad=p.requires_grad)
+            else:
+                raise BaseMismatchError(f"task head {n}: diff has shape {tuple(v.shape)}, "
+                                        f"model has {tuple(p.shape)}")
         root.__dict__[_APPLIED_ATTR] = (id(self), saved, dense_saved)
         return model
 
@@ -258,7 +271,11 @@ class SparseDiff:
             flat = root.get_parameter(t.name).data.view(-1)
             flat[t.indices.to(flat.device)] = old
         for n, old in dense_saved.items():
-            root.get_parameter(n).data.copy_(old)
+            if isinstance(old, nn.Parameter):
+                module, attr = _owner(root, n)
+                module._parameters[attr] = old
+            else:
+                root.get_parameter(n).data.copy_(old)
         del root.__dict__[_APPLIED_ATTR]
         return model
 
@@ -271,6 +288,11 @@ class SparseDiff:
         root.__dict__.pop(_APPLIED_ATTR)  # the merge is permanent
         root.save_pretrained(str(out_dir))
         return Path(out_dir)
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, attr = name.rpartition(".")
+    return (root.get_submodule(prefix) if prefix else root), attr
 
 
 def _st_metadata(blob: bytes) -> dict:
