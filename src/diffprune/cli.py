@@ -165,6 +165,25 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .serve import Service, create_app
+    except ImportError:
+        raise DiffPruneError("serving needs: pip install 'diffprune[serve]'") from None
+    diffs = {}
+    for spec in args.diff:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise DiffPruneError(f"--diff takes NAME=DIR, got {spec!r}")
+        diffs[name] = path
+    service = Service(args.base, diffs, args.max_length)
+    log.info("serving %s on http://%s:%d", ", ".join(diffs), args.host, args.port)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _diff_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("diff", help="a diff directory (RUN_DIR/diff)")
     p.add_argument("--base", help="base model directory or hub id (default: the one recorded "
@@ -212,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="the sentence")
     p.add_argument("pair", nargs="?", help="the second sentence, for pair tasks")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("serve", help="HTTP JSON service: one base model, many task diffs")
+    p.add_argument("--base", default=None, help="base model directory or hub id (default: "
+                                                "the one recorded in the first diff)")
+    p.add_argument("--diff", action="append", required=True, metavar="NAME=DIR",
+                   help="a task to serve (repeat for more tasks)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-length", type=int, default=128, help="maximum tokens per input")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

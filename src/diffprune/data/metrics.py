@@ -26,14 +26,18 @@ def mcc(pred: np.ndarray, gold: np.ndarray) -> float:
     return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
 
 
+def _constant(x: np.ndarray) -> bool:
+    return x.size == 0 or bool(np.all(x == x.flat[0]))
+
+
 def pearson(pred: np.ndarray, gold: np.ndarray) -> float:
-    if np.std(pred) == 0 or np.std(gold) == 0:
+    if _constant(pred) or _constant(gold):
         return 0.0
     return float(stats.pearsonr(pred, gold)[0])
 
 
 def spearman(pred: np.ndarray, gold: np.ndarray) -> float:
-    if np.std(pred) == 0 or np.std(gold) == 0:
+    if _constant(pred) or _constant(gold):
         return 0.0
     return float(stats.spearmanr(pred, gold)[0])
 
