@@ -103,11 +103,11 @@ def project_(model: nn.Module, density: float | None = None, nnz: int | None = N
     by_fill = 0
     if by_delta < k and fill == "w":
         for score, c in zip(fill_scores, chosen):
-            score.view(-1)[c] = 0.0  # already chosen
+            score.view(-1).scatter_(0, c, 0.0)  # already chosen
         extra = top_k_positive(fill_scores, k - by_delta)
         by_fill = sum(e.numel() for e in extra)
         chosen = [torch.cat([c, e]).sort().values for c, e in zip(chosen, extra)]
-    values = [d.reshape(-1)[c] for d, c in zip(deltas, chosen)]
+    values = [d.reshape(-1).index_select(0, c) for d, c in zip(deltas, chosen)]
     state.set_stage_("fixed", chosen, values)
     report = ProjectionReport(k, by_delta, by_fill, fill)
     if report.short or report.by_fill:

