@@ -235,17 +235,22 @@ class SparseDiff:
             self.check_base(root, swap_heads)
         saved, dense_saved = [], {}
         for t in self.tensors:
+            if not t.indices.numel():
+                saved.append(None)
+                continue
             # index_select / scatter_ rather than flat[idx] (= index_put_): the same values,
             # ~150x faster on CPU for a large tensor and few indices (measured: 0.05 vs 8 ms).
-            flat = root.get_parameter(t.name).data.view(-1)
-            idx = t.indices.to(flat.device)
+            flat = _param(root, t.name).data.view(-1)
+            idx = _on(t.indices, flat.device, torch.int64)
             old = flat.index_select(0, idx)
             saved.append(old)
-            vals = t.values.to(flat.device, torch.float32 if flat.dtype in
-                               (torch.float16, torch.bfloat16) else flat.dtype)
-            flat.scatter_(0, idx, (old.to(vals.dtype) + vals).to(flat.dtype))
+            if flat.dtype in (torch.float16, torch.bfloat16):  # add in float32, round once
+                new = (old.float() + _on(t.values, flat.device, torch.float32)).to(flat.dtype)
+            else:
+                new = old + _on(t.values, flat.device, flat.dtype)
+            flat.scatter_(0, idx, new)
         for n, v in self.dense.items():
-            p = root.get_parameter(n)
+            p = _param(root, n)
             if tuple(p.shape) == tuple(v.shape):
                 dense_saved[n] = p.data.clone()
                 p.data.copy_(v)
@@ -271,14 +276,15 @@ class SparseDiff:
             raise DiffPruneError("a different diff is applied to this model")
         _, saved, dense_saved = record
         for t, old in zip(self.tensors, saved):
-            flat = root.get_parameter(t.name).data.view(-1)
-            flat.scatter_(0, t.indices.to(flat.device), old)
+            if old is not None:
+                flat = _param(root, t.name).data.view(-1)
+                flat.scatter_(0, _on(t.indices, flat.device, torch.int64), old)
         for n, old in dense_saved.items():
             if isinstance(old, nn.Parameter):
                 module, attr = _owner(root, n)
                 module._parameters[attr] = old
             else:
-                root.get_parameter(n).data.copy_(old)
+                _param(root, n).data.copy_(old)
         del root.__dict__[_APPLIED_ATTR]
         return model
 
@@ -294,8 +300,27 @@ class SparseDiff:
 
 
 def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    prefix, _, attr = name.rpartition(".")
-    return (root.get_submodule(prefix) if prefix else root), attr
+    """The module holding parameter ``name`` and its attribute name, cached on the model:
+    resolving a dotted path costs ~50 us, a task switch resolves ~100 of them. The Parameter
+    itself is looked up fresh each time, so replacing a Parameter object is seen."""
+    cache = root.__dict__.setdefault("_diffprune_owners", {})
+    if name not in cache:
+        prefix, _, attr = name.rpartition(".")
+        cache[name] = ((root.get_submodule(prefix) if prefix else root), attr)
+    return cache[name]
+
+
+def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(device, dtype)`` without the call when nothing changes (hot in task switching)."""
+    return t if t.device == device and t.dtype == dtype else t.to(device, dtype)
+
+
+def _param(root: nn.Module, name: str) -> torch.Tensor:
+    module, attr = _owner(root, name)
+    p = module._parameters.get(attr)
+    if p is None:
+        raise BaseMismatchError(f"the model has no parameter {name!r}")
+    return p
 
 
 def _st_metadata(blob: bytes) -> dict:
