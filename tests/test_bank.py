@@ -88,3 +88,21 @@ def test_wrong_base_is_refused_and_memory_counts_diffs(bank_and_models):
     assert "foreign" not in bank.tasks()
     model_bytes = sum(p.nbytes for p in bank.model.parameters())
     assert 0 < bank.nbytes() < 3 * model_bytes
+
+
+def test_add_while_a_task_is_active_and_replace(bank_and_models):
+    bank, models = bank_and_models
+    base = {n: p.clone() for n, p in bank.model.named_parameters()}
+    bank.activate("a")
+    new_model, new_diff = _random_diff(lambda: tiny_bert(num_labels=2), seed=42)
+    bank.add("d", new_diff)  # precomputed against the base, not against task a
+    assert bank.active == "a"
+    b = batch()
+    bank.activate("d")
+    assert torch.allclose(bank.model(**b).logits, new_model(**b).logits, atol=1e-6)
+    bank.add("a", new_diff)  # replace the task "a"
+    bank.activate("a")
+    assert torch.allclose(bank.model(**b).logits, new_model(**b).logits, atol=1e-6)
+    bank.deactivate()
+    for n, p in bank.model.named_parameters():
+        assert torch.equal(p, base[n]), n

@@ -29,6 +29,16 @@ _CONV1D = ("Conv1D",)  # transformers.pytorch_utils.Conv1D: weight stored (in, o
 
 
 @dataclass
+class _Switch:
+    """Precomputed for one task: what to write where (both directions), so that a switch is
+    one scatter_ per touched tensor and per direction."""
+
+    writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    # (flat parameter view, indices, base values, task values)
+    heads: list[tuple[nn.Module, str, nn.Parameter]]  # (module, attr, task head Parameter)
+
+
+@dataclass
 class _ModuleDelta:
     """One task's change to one module, in the form its hook needs."""
 
@@ -46,38 +56,46 @@ class DiffBank:
         self._deltas: dict[str, dict[str, _ModuleDelta]] = {}
         self._in_head = False
         self._batch = 0
+        self._switch: dict[str, _Switch] = {}
+        self._base_heads: list[tuple[nn.Module, str, nn.Parameter]] = []
 
     # --- registry -----------------------------------------------------------------------
     def add(self, name: str, diff: SparseDiff | str | os.PathLike, force: bool = False) -> None:
-        """Load (if a path) and register a diff after checking it against the base."""
+        """Load (if a path), check against the base and register a diff. A diff that fails
+        leaves the bank as it was; an existing task of the same name is replaced."""
         if not isinstance(diff, SparseDiff):
             diff = SparseDiff.load(Path(diff))
         active = self.active
-        self.deactivate()  # the fingerprint is of the pristine base
+        self.deactivate()  # the fingerprint and the precomputed values are of the pristine base
         try:
             if not force:
                 diff.check_base(self.model, swap_heads=True)
+            deltas, switch = self._module_deltas(diff), self._precompute(diff)
         finally:
-            if active is not None:
+            if active is not None and active != name:
                 self.activate(active)
-        self.diffs[name] = diff
-        self._deltas[name] = self._module_deltas(diff)
+        self.diffs[name], self._deltas[name], self._switch[name] = diff, deltas, switch
+        if active == name:
+            self.activate(name)
 
     def drop(self, name: str) -> None:
         self._require(name)
         if self.active == name:
             self.deactivate()
-        del self.diffs[name], self._deltas[name]
+        del self.diffs[name], self._deltas[name], self._switch[name]
 
     def tasks(self) -> list[str]:
         return sorted(self.diffs)
 
     def nbytes(self) -> int:
-        """Memory held by the loaded diffs (indices, values, dense heads)."""
+        """Memory held per loaded task: the diff (indices, values, heads) plus the precomputed
+        switch values (base and task values at the diff's positions)."""
         total = 0
-        for d in self.diffs.values():
+        for name, d in self.diffs.items():
             total += sum(t.indices.nbytes + t.values.nbytes for t in d.tensors)
             total += sum(v.nbytes for v in d.dense.values())
+            total += sum(b.nbytes + t.nbytes for _, _, b, t in self._switch[name].writes)
+            total += sum(h.nbytes for _, _, h in self._switch[name].heads)
         return total
 
     def _require(self, name: str) -> SparseDiff:
@@ -86,18 +104,57 @@ class DiffBank:
         return self.diffs[name]
 
     # --- one task at a time -------------------------------------------------------------
+    @torch.no_grad()
+    def _precompute(self, diff: SparseDiff) -> _Switch:
+        """Base and task values at the diff's positions (taken while the base is pristine:
+        add() deactivates first). Task values are computed as SparseDiff.apply_ does."""
+        writes = []
+        for t in diff.tensors:
+            if not t.indices.numel():
+                continue
+            flat = self.model.get_parameter(t.name).data.view(-1)
+            idx = t.indices.to(flat.device)
+            base = flat.index_select(0, idx)
+            if flat.dtype in (torch.float16, torch.bfloat16):
+                task = (base.float() + t.values.to(flat.device, torch.float32)).to(flat.dtype)
+            else:
+                task = base + t.values.to(flat.device, flat.dtype)
+            writes.append((flat, idx, base, task))
+        heads = []
+        for n, v in diff.dense.items():
+            prefix, _, attr = n.rpartition(".")
+            module = self.model.get_submodule(prefix)
+            old = module._parameters[attr]
+            heads.append((module, attr, nn.Parameter(v.to(old.device, old.dtype).clone(),
+                                                     requires_grad=False)))
+        return _Switch(writes, heads)
+
+    @torch.no_grad()
     def activate(self, name: str) -> None:
-        diff = self._require(name)
+        """Make ``name`` the model's task: one scatter_ per touched tensor, head swapped."""
+        self._require(name)
         if self.active == name:
             return
         self.deactivate()
-        diff.apply_(self.model, check=False, swap_heads=True)
+        switch = self._switch[name]
+        self._base_heads = [(m, a, m._parameters[a]) for m, a, _ in switch.heads]
+        for flat, idx, _, task in switch.writes:
+            flat.scatter_(0, idx, task)
+        for module, attr, head in switch.heads:
+            module._parameters[attr] = head
         self.active = name
 
+    @torch.no_grad()
     def deactivate(self) -> None:
-        if self.active is not None:
-            self.diffs[self.active].restore_(self.model)
-            self.active = None
+        """Back to the base, bit for bit (the saved base values are written back)."""
+        if self.active is None:
+            return
+        for flat, idx, base, _ in self._switch[self.active].writes:
+            flat.scatter_(0, idx, base)
+        for module, attr, head in self._base_heads:
+            module._parameters[attr] = head
+        self._base_heads = []
+        self.active = None
 
     # --- mixed-task batches ---------------------------------------------------------------
     def _module_deltas(self, diff: SparseDiff) -> dict[str, _ModuleDelta]:
