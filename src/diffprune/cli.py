@@ -22,7 +22,8 @@ from .data.tasks import TASKS, TaskSpec, custom_task
 from .errors import DiffPruneError
 from .hf import load_model
 from .sparse_diff import SparseDiff
-from .train import METHODS, TrainConfig, TrainingInterrupted, collate, evaluate, tokenize, train
+from .data.batches import collate, evaluate, tokenize
+from .train import METHODS, TrainConfig, TrainingInterrupted, train
 
 log = logging.getLogger("diffprune")
 DEMO = {"task": "rotten", "out": "runs/demo", "max_train_samples": 2000}
@@ -111,7 +112,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .train import load_data, subsample
+    from .data.batches import subsample
+    from .train import load_data
     diff, model, tokenizer = _load_applied(args.diff, args.base, args.force)
     cfg = TrainConfig(task=args.task or diff.metadata.get("task", "custom"),
                       data_dir=args.data_dir, train_file=args.train_file,

@@ -23,7 +23,7 @@ from .bank import DiffBank
 from .errors import DiffPruneError
 from .hf import load_model
 from .sparse_diff import SparseDiff
-from .train import collate
+from .data.batches import collate
 
 MAX_INPUTS = 256
 
