@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow,
 def test_minilm_diff_pruning_beats_majority_on_sst2_subset(tmp_path):
     out = tmp_path / "sst2"
     rc = main(["-q", "train", "--task", "sst2", "--data-dir", GLUE_DIR, "--out", str(out),
-               "--max-train-samples", "1000", "--epochs", "2", "--fixmask-epochs", "1"])
+               "--max-train-samples", "2000", "--epochs", "2", "--fixmask-epochs", "2"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     dev = load_task(get_task("sst2"), GLUE_DIR).dev["dev"]

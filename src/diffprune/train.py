@@ -254,7 +254,7 @@ class Trainer:
         if phase.stage == "l0" and self.controller is None:
             penalty = l0_penalty(self.model)
             total = total + self.cfg.l0_lambda * penalty
-            info["density"] = float(penalty) / get_state(self.model).numel()
+            info["density"] = float(penalty.detach()) / get_state(self.model).numel()
         total.backward()
         clip = [p for g in self.optimizer.param_groups if g["name"] != "gates"
                 for p in g["params"]]
