@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--fixmask-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"))
+    p.add_argument("--report-only", action="store_true",
+                   help="write results.md from the runs already finished, train nothing")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tune_allocator()
@@ -91,10 +93,15 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: partial results already cover every method
         for task in args.tasks:
             for method in args.methods:
+                path = OUT / "runs" / f"{task}-{method}-d{args.density}-s{seed}.json"
+                if args.report_only and not path.exists():
+                    continue
                 records.append(run_one(task, method, seed, args))
                 print(f"{task} {method} seed {seed}: {records[-1]['score']:.2f}", flush=True)
+    command = " ".join(["python", "bench/mask_quality.py"] + [a for a in sys.argv[1:]
+                                                              if a != "--report-only"])
     text = ["# Mask quality: learned vs random vs magnitude (issue 7)", "",
-            f"Command: `{' '.join(['python', 'bench/mask_quality.py'] + sys.argv[1:])}`", "",
+            f"Command: `{command}`", "",
             f"MiniLM (packaged), density {args.density}, {args.max_train_samples} training "
             f"examples per task (seeded subsample), {args.epochs} epochs + "
             f"{args.fixmask_epochs} fixed-mask epochs, batch {args.batch_size}. Dev scores "
