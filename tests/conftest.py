@@ -39,9 +39,20 @@ def batch(n: int = 4, length: int = 10, seed: int = 1) -> dict:
             "attention_mask": torch.ones(n, length, dtype=torch.long)}
 
 
-@pytest.fixture
-def bert():
-    return tiny_bert()
+def train_steps(model, steps: int = 3, lam: float = 1e-2, lr: float = 1e-2):
+    """A few AdamW steps on a fixed tiny batch (+ lam * expected L0 in the L0 stage)."""
+    import diffprune as dp
+    opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=lr, lr_gate=0.1))
+    model.train()
+    b, labels = batch(), torch.tensor([0, 1, 0, 1])
+    for _ in range(steps):
+        loss = model(**b, labels=labels).loss
+        if lam and dp.get_state(model).stage == "l0":
+            loss = loss + lam * dp.l0_penalty(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
 
 
 # --- a tiny model directory with a tokenizer, and tiny task files, for CLI tests -------------

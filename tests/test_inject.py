@@ -1,22 +1,9 @@
 import pytest
 import torch
-from conftest import batch, tiny_bert, tiny_gpt2_cls, tiny_gpt2_lm
+from conftest import batch, tiny_bert, tiny_gpt2_cls, tiny_gpt2_lm, train_steps
 
 import diffprune as dp
 from diffprune.errors import ConfigError, DiffPruneError
-
-
-def _train_steps(model, steps=3, lam=1e-2, structured_check=True):
-    opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-2, lr_gate=0.1))
-    model.train()
-    b = batch()
-    labels = torch.tensor([0, 1, 0, 1])
-    for _ in range(steps):
-        out = model(**b, labels=labels)
-        (out.loss + lam * dp.l0_penalty(model)).backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 @pytest.mark.parametrize("structured", [True, False])
@@ -24,7 +11,7 @@ def test_base_is_bit_identical_after_training(structured):
     model = tiny_bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dp.prepare_(model, dp.DiffPruneConfig(structured=structured))
-    _train_steps(model)
+    train_steps(model)
     state = dp.get_state(model)
     for i, t in enumerate(state.targets):
         assert torch.equal(state.theta0(i), before[t.name]), t.name
@@ -76,7 +63,7 @@ def test_starts_at_base_function_and_eval_is_deterministic():
     ref = model(**b).logits
     dp.prepare_(model)
     assert torch.equal(model(**b).logits, ref)  # w = 0
-    _train_steps(model)
+    train_steps(model)
     assert torch.equal(model(**b).logits, model(**b).logits)
 
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import batch, tiny_bert, tiny_gpt2_cls
+from conftest import batch, tiny_bert, tiny_gpt2_cls, train_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForSequenceClassification
@@ -13,21 +13,9 @@ from diffprune.sparse_diff import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _trained(make=tiny_bert, density=0.05, steps=3):
-    model = dp.prepare_(make())
-    opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-2, lr_gate=0.1))
-    model.train()
-    b = batch()
-    labels = torch.tensor([0, 1, 0, 1])
-    for _ in range(steps):
-        (model(**b, labels=labels).loss + 1e-4 * dp.l0_penalty(model)).backward()
-        opt.step()
-        opt.zero_grad()
+    model = train_steps(dp.prepare_(make()), steps, lam=1e-4)
     dp.project_(model, density=density)
-    for _ in range(steps):  # fixed-mask phase
-        opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-2))
-        model(**b, labels=labels).loss.backward()
-        opt.step()
-    return model.eval()
+    return train_steps(model, steps)  # fixed-mask phase
 
 
 @pytest.fixture(scope="module")
