@@ -37,7 +37,10 @@ def layer(name: str) -> str:
     m = _LAYER.search(name)
     if m:
         return m.group(1)
-    return "embeddings" if "embed" in name.lower() else "other"
+    low = name.lower()
+    if "embed" in low or ".wte." in low or ".wpe." in low:
+        return "embeddings"
+    return "pooler" if "pooler" in low else "other"
 
 
 def summary(diff: SparseDiff) -> dict:
