@@ -202,7 +202,7 @@ class DiffBank:
             return out
         return hook
 
-    def _head_hook(self, head_prefix: str, tasks: list[str], rows: dict[str, torch.Tensor]):
+    def _head_hook(self, head_prefix: str, rows: dict[str, torch.Tensor]):
         def hook(module, args, kwargs, output):
             if self._in_head:
                 return output
@@ -244,7 +244,7 @@ class DiffBank:
             head = _head_prefix([self.diffs[t] for t in rows])
             if head is not None:
                 handles.append(self.model.get_submodule(head).register_forward_hook(
-                    self._head_hook(head, tasks, rows), with_kwargs=True))
+                    self._head_hook(head, rows), with_kwargs=True))
             logits = self.model(**inputs).logits
         finally:
             for h in handles:
