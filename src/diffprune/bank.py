@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import DiffPruneError
 from .inject import unwrap
-from .sparse_diff import SparseDiff
+from .sparse_diff import SparseDiff, _owner, with_delta
 
 _CONV1D = ("Conv1D",)  # transformers.pytorch_utils.Conv1D: weight stored (in, out)
 
@@ -115,15 +115,10 @@ class DiffBank:
             flat = self.model.get_parameter(t.name).data.view(-1)
             idx = t.indices.to(flat.device)
             base = flat.index_select(0, idx)
-            if flat.dtype in (torch.float16, torch.bfloat16):
-                task = (base.float() + t.values.to(flat.device, torch.float32)).to(flat.dtype)
-            else:
-                task = base + t.values.to(flat.device, flat.dtype)
-            writes.append((flat, idx, base, task))
+            writes.append((flat, idx, base, with_delta(base, t.values)))
         heads = []
         for n, v in diff.dense.items():
-            prefix, _, attr = n.rpartition(".")
-            module = self.model.get_submodule(prefix)
+            module, attr = _owner(self.model, n)
             old = module._parameters[attr]
             heads.append((module, attr, nn.Parameter(v.to(old.device, old.dtype).clone(),
                                                      requires_grad=False)))

@@ -22,7 +22,7 @@ from .data.tasks import TASKS, TaskSpec, custom_task
 from .errors import DiffPruneError
 from .hf import load_model
 from .sparse_diff import SparseDiff
-from .data.batches import collate, evaluate, tokenize
+from .data.batches import collate, evaluate, predictions, tokenize
 from .train import METHODS, TrainConfig, TrainingInterrupted, train
 
 log = logging.getLogger("diffprune")
@@ -153,12 +153,8 @@ def _predict(model, tokenizer, spec: TaskSpec, text: str, pair: str | None) -> d
     batch = collate(tokenizer, item, torch.device("cpu"))
     batch.pop("labels")
     with torch.no_grad():
-        logits = model(**batch).logits[0].float()
-    if spec.is_regression:
-        return {"score": float(logits[0])}
-    probs = logits.softmax(-1)
-    return {"label": spec.labels[int(probs.argmax())],
-            "scores": {name: round(float(p), 4) for name, p in zip(spec.labels, probs)}}
+        logits = model(**batch).logits
+    return predictions(logits, None if spec.is_regression else list(spec.labels), digits=4)[0]
 
 
 def cmd_predict(args) -> int:

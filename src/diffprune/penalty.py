@@ -25,7 +25,7 @@ from torch import nn
 
 from . import gates
 from .errors import DiffPruneError
-from .inject import get_state
+from .inject import get_state, unwrap
 
 
 def l0_penalty(model: nn.Module, normalized: bool = False) -> torch.Tensor:
@@ -73,18 +73,13 @@ def param_groups(model: nn.Module, lr_diff: float, lr_gate: float = 0.1,
             gate_params.append(state.group_log_alpha)
         groups.append({"name": "gates", "params": gate_params, "lr": lr_gate,
                        "weight_decay": 0.0})
-    root = _root(model)
+    root = unwrap(model)
     dense = [root.get_parameter(n) for n in state.dense_names]
     if dense:
         groups.append({"name": "dense", "params": dense,
                        "lr": lr_diff if lr_dense is None else lr_dense,
                        "weight_decay": weight_decay})
     return groups
-
-
-def _root(model: nn.Module) -> nn.Module:
-    from .inject import unwrap
-    return unwrap(model)
 
 
 # The controller reads every 8th gate of tensors with at least 2^16 entries (>= 8192 samples

@@ -23,7 +23,7 @@ from .bank import DiffBank
 from .errors import DiffPruneError
 from .hf import load_model
 from .sparse_diff import SparseDiff
-from .data.batches import collate
+from .data.batches import collate, predictions, tokenize
 
 MAX_INPUTS = 256
 
@@ -77,11 +77,10 @@ class Service:
                 raise ValueError("each input is a text or a [text, text_pair] list of two")
             rows.append({"text": x[0] if pair else x, "text_pair": x[1] if pair else None,
                          "label": 0})
-        enc = self.tokenizer([r["text"] for r in rows],
-                             [r["text_pair"] or "" for r in rows]
-                             if any(r["text_pair"] for r in rows) else None,
-                             truncation=True, max_length=self.max_length)
-        items = [{k: enc[k][i] for k in enc} | {"labels": 0} for i in range(len(rows))]
+        if any(r["text_pair"] is not None for r in rows):  # a mixed request: pair every row
+            for r in rows:
+                r["text_pair"] = r["text_pair"] or ""
+        items = tokenize(self.tokenizer, rows, self.max_length)
         with self.lock:
             diff = self.bank.diffs.get(task)
             if diff is None:
@@ -90,13 +89,8 @@ class Service:
             batch = collate(self.tokenizer, items, next(self.bank.model.parameters()).device)
             batch.pop("labels")
             with torch.no_grad():
-                logits = self.bank.model(**batch).logits.float().cpu()
-        labels = diff.metadata.get("labels")
-        if labels is None:
-            return [{"score": float(row[0])} for row in logits]
-        probs = logits.softmax(-1)
-        return [{"label": labels[int(p.argmax())],
-                 "scores": {n: float(v) for n, v in zip(labels, p)}} for p in probs]
+                logits = self.bank.model(**batch).logits
+        return predictions(logits, diff.metadata.get("labels"))
 
 
 def create_app(service: Service) -> FastAPI:

@@ -244,11 +244,7 @@ class SparseDiff:
             idx = _on(t.indices, flat.device, torch.int64)
             old = flat.index_select(0, idx)
             saved.append(old)
-            if flat.dtype in (torch.float16, torch.bfloat16):  # add in float32, round once
-                new = (old.float() + _on(t.values, flat.device, torch.float32)).to(flat.dtype)
-            else:
-                new = old + _on(t.values, flat.device, flat.dtype)
-            flat.scatter_(0, idx, new)
+            flat.scatter_(0, idx, with_delta(old, t.values))
         for n, v in self.dense.items():
             p = _param(root, n)
             if tuple(p.shape) == tuple(v.shape):
@@ -313,6 +309,15 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(device, dtype)`` without the call when nothing changes (hot in task switching)."""
     return t if t.device == device and t.dtype == dtype else t.to(device, dtype)
+
+
+def with_delta(base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """base + values in base's dtype: the one definition of "apply" (SparseDiff.apply_ and
+    DiffBank use it, so their results are bit-identical). Half precision adds in float32 and
+    rounds once."""
+    if base.dtype in (torch.float16, torch.bfloat16):
+        return (base.float() + _on(values, base.device, torch.float32)).to(base.dtype)
+    return base + _on(values, base.device, base.dtype)
 
 
 def _param(root: nn.Module, name: str) -> torch.Tensor:

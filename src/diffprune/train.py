@@ -222,11 +222,13 @@ class Trainer:
             self.results["projection"]["dev"] = self._eval()
             self._log({"event": "projection", **self.results["projection"]})
         self._make_optimizer(phase)
-        self.controller = None
-        if phase.stage == "l0" and self.cfg.sparsity == "controller":
-            self.controller = DensityController(
-                self.cfg.density, phase.epochs * self.steps_per_epoch(),
-                self.cfg.controller_warmup, self.cfg.controller_schedule)
+        self.controller = self._make_controller(phase)
+
+    def _make_controller(self, phase: Phase) -> DensityController | None:
+        if phase.stage != "l0" or self.cfg.sparsity != "controller":
+            return None
+        return DensityController(self.cfg.density, phase.epochs * self.steps_per_epoch(),
+                                 self.cfg.controller_warmup, self.cfg.controller_schedule)
 
     def _make_optimizer(self, phase: Phase) -> None:
         groups = param_groups(self.model, phase.lr, self.cfg.lr_gate, self.cfg.lr_head,
@@ -361,10 +363,9 @@ class Trainer:
                     for n in state.dense_names})
         return out
 
-    def _load_trainables(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    def _load_trainables(self, tensors: dict[str, torch.Tensor]) -> None:
         state = get_state(self.model)
-        model_sd = {k[len(prefix) + 6:]: v for k, v in tensors.items()
-                    if k.startswith(prefix + "model.")}
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         if any(k.startswith("values.") for k in model_sd) and state.stage != "fixed":
             n = len(state.targets)
             state.set_stage_("fixed", [model_sd[f"indices_{i}"] for i in range(n)],
@@ -372,7 +373,7 @@ class Trainer:
         state.load_state_dict(model_sd)
         with torch.no_grad():
             for n in state.dense_names:
-                self.model.get_parameter(n).copy_(tensors[f"{prefix}dense.{n}"])
+                self.model.get_parameter(n).copy_(tensors[f"dense.{n}"])
         self.model.to(self.device)
 
     def _checkpoint(self) -> None:
@@ -401,10 +402,8 @@ class Trainer:
         phase = self.phases[self.pos["phase"]]
         self._make_optimizer(phase)
         ckpt.optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+        self.controller = self._make_controller(phase)
         if meta["controller"] is not None:
-            self.controller = DensityController(self.cfg.density, phase.epochs *
-                                                self.steps_per_epoch(), self.cfg.controller_warmup,
-                                                self.cfg.controller_schedule)
             self.controller.load_state_dict(meta["controller"])
         if meta["best"] is not None:
             self.best = {**meta["best"], "tensors": {k[5:]: v for k, v in tensors.items()

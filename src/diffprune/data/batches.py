@@ -54,3 +54,13 @@ def evaluate(model, tokenizer, spec, dev: dict[str, list[dict]], batch_size: int
     out["score"] = float(np.mean([m["score"] for m in out.values()]))
     model.train(was_training)
     return out
+
+
+def predictions(logits: torch.Tensor, labels: list[str] | None, digits: int = 6) -> list[dict]:
+    """Per row: {"label", "scores"} for classification, {"score"} for regression (no labels)."""
+    logits = logits.float().cpu()
+    if labels is None:
+        return [{"score": float(row[0])} for row in logits]
+    return [{"label": labels[int(p.argmax())],
+             "scores": {n: round(float(v), digits) for n, v in zip(labels, p)}}
+            for p in logits.softmax(-1)]
