@@ -22,8 +22,8 @@ from diffprune.cli import tune_allocator
 from diffprune.train import TrainConfig, train
 
 OUT = Path(__file__).parent / "results" / "mask_quality"
-KEEP = ("task", "method", "seed", "score", "dev", "density", "nnz", "diff_bytes", "wall_time_s",
-        "train_steps", "train_examples", "phases", "projection")
+KEEP = ("task", "method", "seed", "score", "dev", "density", "nnz", "artifact_bytes",
+        "wall_time_s", "train_steps", "train_examples", "phases", "projection")
 
 
 def run_one(task: str, method: str, seed: int, args) -> dict:

@@ -26,7 +26,7 @@ def test_train_eval_inspect_merge_predict(tmp_path, tiny_model_dir, tiny_glue, c
     assert results["nnz"] == round(0.05 * results["gated_params"])
     assert set(results["phases"]) == {"l0", "fixmask"}
     assert "dev" in results["projection"] and "dev" in results["phases"]["l0"]
-    assert results["diff_bytes"] == sum(p.stat().st_size for p in (run / "diff").iterdir())
+    assert results["artifact_bytes"] == sum(p.stat().st_size for p in (run / "diff").iterdir())
     assert (run / "metrics.jsonl").read_text().count('"event": "eval"') == 3
     capsys.readouterr()
 

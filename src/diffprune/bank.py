@@ -31,10 +31,10 @@ _CONV1D = ("Conv1D",)  # transformers.pytorch_utils.Conv1D: weight stored (in, o
 @dataclass
 class _Switch:
     """Precomputed for one task: what to write where (both directions), so that a switch is
-    one scatter_ per touched tensor and per direction."""
+    one scatter_ per packed buffer (one in a float32 model) and per direction."""
 
     writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    # (flat parameter view, indices, base values, task values)
+    # (packed buffer, flat positions in it, base values, task values), all (nnz,) but the buffer
     heads: list[tuple[nn.Module, str, nn.Parameter]]  # (module, attr, task head Parameter)
 
 
@@ -58,6 +58,7 @@ class DiffBank:
         self._batch = 0
         self._switch: dict[str, _Switch] = {}
         self._base_heads: list[tuple[nn.Module, str, nn.Parameter]] = []
+        self._packed = _pack(self.model)
 
     # --- registry -----------------------------------------------------------------------
     def add(self, name: str, diff: SparseDiff | str | os.PathLike, force: bool = False) -> None:
@@ -108,14 +109,18 @@ class DiffBank:
     def _precompute(self, diff: SparseDiff) -> _Switch:
         """Base and task values at the diff's positions (taken while the base is pristine:
         add() deactivates first). Task values are computed as SparseDiff.apply_ does."""
-        writes = []
+        per_buffer: dict[int, list] = {}
         for t in diff.tensors:
             if not t.indices.numel():
                 continue
-            flat = self.model.get_parameter(t.name).data.view(-1)
-            idx = t.indices.to(flat.device)
-            base = flat.index_select(0, idx)
-            writes.append((flat, idx, base, with_delta(base, t.values)))
+            buffer, offset = self._packed[id(self.model.get_parameter(t.name))]
+            idx = t.indices.to(buffer.device) + offset
+            base = buffer.index_select(0, idx)
+            entry = per_buffer.setdefault(id(buffer), [buffer, [], [], []])
+            for part, value in zip(entry[1:], (idx, base, with_delta(base, t.values))):
+                part.append(value)
+        writes = [(buf, torch.cat(i), torch.cat(b), torch.cat(v))
+                  for buf, i, b, v in per_buffer.values()]
         heads = []
         for n, v in diff.dense.items():
             module, attr = _owner(self.model, n)
@@ -246,6 +251,25 @@ class DiffBank:
                 h.remove()
         widths = {t: _head_width(self.diffs[t], logits.shape[-1]) for t in rows}
         return [logits[i, :widths[t]] for i, t in enumerate(tasks)]
+
+
+def _pack(model: nn.Module) -> dict[int, tuple[torch.Tensor, int]]:
+    """Move every parameter into one flat buffer per (dtype, device) and make the parameters
+    views of it, so that a task switch is a single scatter_ instead of one per tensor.
+    Returns id(parameter) -> (buffer, offset of its first element)."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p in model.parameters():  # each tied parameter once
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    out = {}
+    with torch.no_grad():
+        for params in groups.values():
+            buffer = torch.cat([p.detach().reshape(-1) for p in params])  # (sum of numels,)
+            offset = 0
+            for p in params:
+                p.data = buffer[offset:offset + p.numel()].view_as(p)
+                out[id(p)] = (buffer, offset)
+                offset += p.numel()
+    return out
 
 
 def _contribution(module: nn.Module, delta: _ModuleDelta, x: torch.Tensor) -> torch.Tensor:

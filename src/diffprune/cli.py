@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import inspect
 import json
+import os
 import logging
 import sys
 import typing
@@ -94,8 +95,10 @@ def _load_applied(diff_dir: str, base: str | None, force: bool):
 
 def cmd_train(args) -> int:
     results = train(_config(args))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     print(json.dumps({k: results[k] for k in ("task", "method", "score", "density", "nnz",
-                                              "diff_bytes", "wall_time_s")}, indent=1))
+                                              "artifact_bytes", "wall_time_s")}, indent=1))
     return 0
 
 
@@ -103,7 +106,7 @@ def cmd_demo(args) -> int:
     results = train(_config(args))
     print(f"\nrotten (sentence sentiment), {results['train_examples']} training sentences: "
           f"dev accuracy {results['score']:.2f}% with {results['nnz']:,} changed parameters "
-          f"({100 * results['density']:.2f}%), diff {results['diff_bytes'] / 1e3:.0f} kB, "
+          f"({100 * results['density']:.2f}%), diff {results['artifact_bytes'] / 1e3:.0f} kB, "
           f"{results['wall_time_s']:.0f} s")
     _, model, tokenizer = _load_applied(f"{args.out}/diff", None, False)
     for text in ("A gorgeous, heartfelt film.", "Tedious and badly acted."):

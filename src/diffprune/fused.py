@@ -27,10 +27,12 @@ class GatedDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta0, w, log_alpha, zg, left: float, right: float, temperature: float,
-                stochastic: bool, expected_grad: bool = False):
+                stochastic: bool, expected_grad: bool = False,
+                generator: torch.Generator | None = None):
         with torch.no_grad():
             if stochastic:
-                z = torch.rand_like(log_alpha).logit_(_U_EPS).add_(log_alpha)
+                z = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device,
+                               dtype=log_alpha.dtype).logit_(_U_EPS).add_(log_alpha)
             else:
                 z = log_alpha.clone()
                 temperature = 1.0  # the test-time gate has no temperature
@@ -61,4 +63,4 @@ class GatedDelta(torch.autograd.Function):
             grad_a = gw * zg * s * (1 - s) * ((right - left) / temperature) * inside
         if ctx.needs_input_grad[3]:
             grad_zg = (gw * z).sum().reshape(zg.shape)
-        return None, grad_w, grad_a, grad_zg, None, None, None, None, None
+        return None, grad_w, grad_a, grad_zg, None, None, None, None, None, None

@@ -59,6 +59,8 @@ class DiffState(nn.Module):
         self.targets = targets
         self.dense_names = dense_names
         self.stage = ""
+        self.noise_seed: int | None = None  # None: gate noise from torch's global RNG
+        self._noise: torch.Generator | None = None
         for i, t0 in enumerate(theta0):
             self.register_buffer(f"theta0_{i}", t0.detach(), persistent=False)
         self.set_stage_(stage)
@@ -114,6 +116,20 @@ class DiffState(nn.Module):
         return getattr(self, f"indices_{i}")  # (nnz_i,) int64, sorted flat positions
 
     # --- gates --------------------------------------------------------------------------
+    def seed_noise(self, seed: int) -> None:
+        """Draw the gate noise from a generator of its own, seeded with ``seed``.
+
+        Under data parallelism every rank seeds it alike, so all ranks sample the same mask
+        each step (the parameters are shared), while dropout keeps each rank's own RNG."""
+        self.noise_seed, self._noise = seed, None
+
+    def noise_generator(self) -> torch.Generator | None:
+        device = self.theta0(0).device
+        if self.noise_seed is not None and (self._noise is None or
+                                            self._noise.device != device):
+            self._noise = torch.Generator(device).manual_seed(self.noise_seed)
+        return self._noise
+
     def gate_args(self) -> dict:
         c = self.config
         return {"left": c.stretch_left, "right": c.stretch_right}
@@ -129,8 +145,11 @@ class DiffState(nn.Module):
         c = self.config
         elem, group = self.logits()
         if stochastic:
+            gen = self.noise_generator()
+
             def gate(a):
-                return gates.sample_gate(a, temperature=c.temperature, **self.gate_args())
+                return gates.sample_gate(a, temperature=c.temperature, generator=gen,
+                                         **self.gate_args())
         else:
             def gate(a):
                 return gates.deterministic_gate(a, **self.gate_args())
@@ -178,12 +197,15 @@ class DiffState(nn.Module):
         if group is None:
             zg = torch.ones(len(self.targets), device=self.theta0(0).device)
         elif stochastic:
-            zg = gates.sample_gate(group, temperature=c.temperature, **self.gate_args())
+            zg = gates.sample_gate(group, temperature=c.temperature,
+                                   generator=self.noise_generator(), **self.gate_args())
         else:
             zg = gates.deterministic_gate(group, **self.gate_args())
         expected = c.gate_grad == "expected"
+        gen = self.noise_generator() if stochastic else None
         return [GatedDelta.apply(self.theta0(i), w, a, zg[i], c.stretch_left, c.stretch_right,
-                                 c.temperature if stochastic else 1.0, stochastic, expected)
+                                 c.temperature if stochastic else 1.0, stochastic, expected,
+                                 gen)
                 for i, (w, a) in enumerate(zip(self.w, elem))]
 
     def _version(self) -> tuple:

@@ -68,11 +68,11 @@ def param_groups(model: nn.Module, lr_diff: float, lr_gate: float = 0.1,
     diff = list(state.values) if state.stage == "fixed" else list(state.w)
     groups = [{"name": "diff", "params": diff, "lr": lr_diff, "weight_decay": weight_decay}]
     if state.stage == "l0":
-        gate_params = list(state.log_alpha)
-        if state.config.structured:
-            gate_params.append(state.group_log_alpha)
-        groups.append({"name": "gates", "params": gate_params, "lr": lr_gate,
+        groups.append({"name": "gates", "params": list(state.log_alpha), "lr": lr_gate,
                        "weight_decay": 0.0})
+        if state.config.structured:  # its own group: a sum over a tensor has its own scale
+            groups.append({"name": "group_gates", "params": [state.group_log_alpha],
+                           "lr": lr_gate, "weight_decay": 0.0})
     root = unwrap(model)
     dense = [root.get_parameter(n) for n in state.dense_names]
     if dense:

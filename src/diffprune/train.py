@@ -24,19 +24,23 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import DiffPruneConfig
 from .data import TaskData, get_task, load_files, load_task
 from .data.batches import collate, evaluate, subsample, tokenize
 from .errors import ConfigError, DiffPruneError
 from .fileio import atomic_write_bytes
 from .hf import DEFAULT_MODEL, head_config, load_model
-from .inject import get_state, prepare_
+from .inject import get_state, is_prepared, prepare_
 from .penalty import DensityController, expected_density, l0_penalty, param_groups
+from .optim import DiffAdamW
 from .project import project_, random_mask_
 from .sparse_diff import SparseDiff
 
 log = logging.getLogger(__name__)
-METHODS = ("diff", "full", "magnitude", "bitfit", "random")
+PEFT_METHODS = ("lora", "shira")
+GATE_GROUPS = ("gates", "group_gates")
+METHODS = ("diff", "full", "magnitude", "bitfit", "random") + PEFT_METHODS
 
 
 @dataclass
@@ -64,7 +68,8 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     """Local Hugging Face model directory or hub id (default: the packaged all-MiniLM-L6-v2)."""
     method: str = "diff"
-    """diff (L0 -> projection -> fixed mask), full, magnitude, bitfit, or random (a random mask of the same size: the control)."""
+    """diff (L0 -> projection -> fixed mask), full, magnitude, bitfit, random (a random mask of
+    the same size: the control), or lora / shira (PEFT's adapters, for comparison)."""
     density: float = 0.005
     """Fraction of the gated parameters kept after projection (paper: 0.5%)."""
     structured: bool = True
@@ -93,6 +98,11 @@ class TrainConfig:
     see bench/README.md)."""
     lr_gate: float = 0.1
     """Learning rate of log_alpha (paper: 0.1)."""
+    lr_adapter: float = 5e-4
+    """Learning rate of LoRA / SHiRA adapter weights (LoRA paper, RoBERTa-base GLUE: 4e-4-5e-4)."""
+    peft_rank: int | None = None
+    """Rank r of LoRA / SHiRA; default: the r whose trainable parameters come nearest to
+    --density of the base model."""
     lr_head: float = 1e-4
     """Learning rate of the dense task head in every phase."""
     sparsity: str = "controller"
@@ -108,6 +118,9 @@ class TrainConfig:
     gate_grad: str = "expected"
     """'expected' (every gate learns every step; chosen by measurement) or 'sampled' (the
     paper's gradient through the sampled gate)."""
+    gate_update: str = "adam"
+    """How log_alpha steps: 'adam' (per-gate normalisation, the paper's) or 'shared_rms'
+    (one normaliser per group, so a gate's step keeps the size of its evidence; optim.py)."""
     init_log_alpha: float = 5.0
     """Initial log_alpha of the gates (paper: 5)."""
     weight_decay: float = 0.0
@@ -124,12 +137,18 @@ class TrainConfig:
     """Storage type of the diff values: float32, float16 or bfloat16."""
     device: str = "auto"
     """cpu, cuda, cuda:1 ... ('auto': cuda when available)."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on a GPU that supports it, fp32 otherwise), 'fp32' or 'bf16'."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.gate_update not in ("adam", "shared_rms"):
+            raise ConfigError(f"gate_update must be adam or shared_rms, got {self.gate_update!r}")
         if self.sparsity not in ("controller", "penalty"):
             raise ConfigError(f"sparsity must be 'controller' or 'penalty', got {self.sparsity!r}")
         if (self.train_file is None) != (self.dev_file is None):
@@ -162,7 +181,9 @@ def plan(cfg: TrainConfig) -> list[Phase]:
             "magnitude": [Phase("dense", "dense", cfg.epochs, cfg.lr_full), fix],
             "random": [fix],
             "full": [Phase("dense", "dense", cfg.epochs, cfg.lr_full)],
-            "bitfit": [Phase("dense", "dense", cfg.epochs, cfg.lr_full)]}[cfg.method]
+            "bitfit": [Phase("dense", "dense", cfg.epochs, cfg.lr_full)],
+            "lora": [Phase("adapter", "adapter", cfg.epochs, cfg.lr_adapter)],
+            "shira": [Phase("adapter", "adapter", cfg.epochs, cfg.lr_adapter)]}[cfg.method]
 
 
 def load_data(cfg: TrainConfig) -> TaskData:
@@ -179,18 +200,18 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.phases = plan(cfg)
+        self.dist = distributed.setup(cfg.device)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                                    if cfg.device == "auto" else cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.data = load_data(cfg)
         self.spec = self.data.task
         self.model, self.tokenizer = load_model(cfg.model, head_config(self.spec), cfg.seed)
         self.total_params = sum(p.numel() for p in self.model.parameters())
-        targets = (r"\.bias$",) if cfg.method == "bitfit" else (".*",)
-        first_stage = "dense" if self.phases[0].stage == "fixed" else self.phases[0].stage
-        prepare_(self.model, DiffPruneConfig(target_patterns=targets, structured=cfg.structured,
-                                             init_log_alpha=cfg.init_log_alpha,
-                                             gate_grad=cfg.gate_grad), first_stage)
+        self._prepare_model()
         self.model.to(self.device)
+        self.autocast = _autocast_dtype(cfg.precision, self.device)
         train_rows = subsample(self.data.train, cfg.max_train_samples, cfg.seed)
         dev_rows = {k: subsample(v, cfg.max_eval_samples, cfg.seed)
                     for k, v in self.data.dev.items()}
@@ -205,13 +226,43 @@ class Trainer:
         self.elapsed = 0.0
         self._stop = False
 
+    # --- what a method changes (PeftTrainer in peers.py overrides these) -----------------
+    def _prepare_model(self) -> None:
+        """theta = theta0 + z * w on every parameter (biases only for BitFit); head dense."""
+        cfg = self.cfg
+        targets = (r"\.bias$",) if cfg.method == "bitfit" else (".*",)
+        first_stage = "dense" if self.phases[0].stage == "fixed" else self.phases[0].stage
+        prepare_(self.model, DiffPruneConfig(target_patterns=targets, structured=cfg.structured,
+                                             init_log_alpha=cfg.init_log_alpha,
+                                             gate_grad=cfg.gate_grad), first_stage)
+        get_state(self.model).seed_noise(cfg.seed)  # one gate sample per step on all ranks
+
+    def _param_groups(self, phase: Phase) -> list[dict]:
+        return param_groups(self.model, phase.lr, self.cfg.lr_gate, self.cfg.lr_head,
+                            self.cfg.weight_decay)
+
+    def _density(self) -> float:
+        return expected_density(self.model)
+
+    def _save_artifact(self) -> dict:
+        """Write the per-task artifact (the sparse diff) and return its size statistics."""
+        diff = SparseDiff.from_model(self.model, base_model=self.cfg.model,
+                                     metadata=self._diff_metadata(),
+                                     values_dtype=self.cfg.values_dtype)
+        path = diff.save(self.out / "diff")
+        state = get_state(self.model)
+        dense = sum(v.numel() for v in diff.dense.values())
+        return {"artifact": str(path), "artifact_bytes": _dir_bytes(path),
+                "density": diff.nnz / state.numel(), "nnz": diff.nnz,
+                "gated_params": state.numel(), "dense_params": dense,
+                "stored_params": diff.nnz + dense, "position_bits_per_nnz": diff.position_bits()}
+
     # --- phase set-up -------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
         return (len(self.train_items) + self.cfg.batch_size - 1) // self.cfg.batch_size
 
     def _enter_phase(self, phase: Phase) -> None:
-        state = get_state(self.model)
-        if phase.stage == "fixed" and state.stage != "fixed":
+        if phase.stage == "fixed" and get_state(self.model).stage != "fixed":
             if self.cfg.method == "random":
                 k = random_mask_(self.model, density=self.cfg.density, seed=self.cfg.seed)
                 self.results["projection"] = {"k": k, "random": True}
@@ -231,13 +282,16 @@ class Trainer:
                                  self.cfg.controller_warmup, self.cfg.controller_schedule)
 
     def _make_optimizer(self, phase: Phase) -> None:
-        groups = param_groups(self.model, phase.lr, self.cfg.lr_gate, self.cfg.lr_head,
-                              self.cfg.weight_decay)
+        groups = self._param_groups(phase)
         for g in groups:
             g["initial_lr"] = g["lr"]
+            g["shared_rms"] = g["name"] in GATE_GROUPS and self.cfg.gate_update == "shared_rms"
+        trainable = sum(p.numel() for g in groups for p in g["params"])
+        self.results["trainable_params"] = max(trainable, self.results.get("trainable_params", 0))
         # fused=True: one kernel over all tensors (CPU and CUDA); the step over ~2N diff and
         # gate parameters is a large share of a small-batch step.
-        self.optimizer = torch.optim.AdamW(groups, lr=phase.lr, fused=True)
+        self.optimizer = DiffAdamW(groups, lr=phase.lr, fused=True)
+        self.net = distributed.wrap(self.model, self.dist, self.device)  # DDP when launched so
 
     # --- one step -----------------------------------------------------------------------
     def _lr_factor(self, phase: Phase, step_in_phase: int) -> float:
@@ -250,7 +304,9 @@ class Trainer:
         info = {}
         if self.controller is not None:
             info["density"] = self.controller.step(self.model)  # before the forward uses it
-        loss = self.model(**batch).loss
+        with torch.autocast(self.device.type, self.autocast or torch.float32,
+                            enabled=self.autocast is not None):
+            loss = self.net(**batch).loss.float()
         total = loss
         info["loss"] = float(loss.detach())
         if phase.stage == "l0" and self.controller is None:
@@ -258,7 +314,7 @@ class Trainer:
             total = total + self.cfg.l0_lambda * penalty
             info["density"] = float(penalty.detach()) / get_state(self.model).numel()
         total.backward()
-        clip = [p for g in self.optimizer.param_groups if g["name"] != "gates"
+        clip = [p for g in self.optimizer.param_groups if g["name"] not in GATE_GROUPS
                 for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(clip, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -277,7 +333,7 @@ class Trainer:
             log.warning("no checkpoint in %s: starting from scratch", self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.pos["global_step"]:
-            torch.manual_seed(self.cfg.seed)  # dropout and gate noise; restored on resume
+            torch.manual_seed(self.cfg.seed + self.dist.rank)  # dropout; restored on resume
         handlers = self._install_signal_handlers()
         start = time.perf_counter() - self.elapsed
         try:
@@ -297,13 +353,16 @@ class Trainer:
                 self.pos["phase_started"] = True
             bar = tqdm(total=phase.epochs * steps, initial=self.pos["epoch"] * steps +
                        self.pos["batch"], desc=f"{self.cfg.method}:{phase.name}",
-                       dynamic_ncols=True, disable=None)
+                       dynamic_ncols=True, disable=None if self.dist.main else True)
             for epoch in range(self.pos["epoch"], phase.epochs):
                 order = torch.randperm(len(self.train_items), generator=torch.Generator()
                                        .manual_seed(self.cfg.seed * 1000 + pi * 100 + epoch))
                 for b in range(self.pos["batch"], steps):
-                    idx = order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
-                    batch = collate(self.tokenizer, [self.train_items[i] for i in idx],
+                    idx = order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size].tolist()
+                    if len(idx) < self.dist.world:  # too few to give every rank one
+                        continue
+                    batch = collate(self.tokenizer, [self.train_items[i] for i in
+                                                     distributed.shard(idx, self.dist)],
                                     self.device)
                     info = self._step(phase, batch, epoch * steps + b)
                     self.pos.update(batch=b + 1, global_step=self.pos["global_step"] + 1)
@@ -332,12 +391,13 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         limit = self.cfg.stop_after_steps
-        return self._stop or (limit is not None and self.pos["global_step"] >= limit)
+        stop = self._stop or (limit is not None and self.pos["global_step"] >= limit)
+        return distributed.any_rank(stop, self.dist)  # every rank stops at the same step
 
     def _end_epoch(self, pi: int, phase: Phase, epoch: int) -> None:
         metrics = self._eval()
         record = {"event": "eval", "phase": phase.name, "epoch": epoch, "dev": metrics,
-                  "expected_density": expected_density(self.model)}
+                  "expected_density": self._density()}
         self._log(record)
         log.info("%s epoch %d: dev %.2f, density %.5f", phase.name, epoch, metrics["score"],
                  record["expected_density"])
@@ -346,7 +406,7 @@ class Trainer:
             self.best = {"epoch": epoch, "dev": metrics, "tensors": self._trainables()}
 
     def _phase_summary(self, pi: int, phase: Phase) -> dict:
-        summary = {"expected_density": expected_density(self.model)}
+        summary = {"expected_density": self._density()}
         if pi == len(self.phases) - 1 and self.best is not None:
             summary.update(dev=self.best["dev"], best_epoch=self.best["epoch"])
         else:
@@ -380,7 +440,7 @@ class Trainer:
         tensors = self._trainables()
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.optimizer)
         tensors.update(opt_tensors)
-        tensors.update(ckpt.rng_state())
+        tensors.update(self._rng_tensors())
         if self.best is not None:
             tensors.update({f"best.{k}": v for k, v in self.best["tensors"].items()})
         meta = {"config": self.cfg.fingerprint(), "pos": self.pos, "results": self.results,
@@ -388,10 +448,32 @@ class Trainer:
                 "controller": self.controller.state_dict() if self.controller else None,
                 "best": None if self.best is None else {k: v for k, v in self.best.items()
                                                         if k != "tensors"}}
-        ckpt.save_checkpoint(self.out / "checkpoint", tensors, meta)
+        meta["world_size"] = self.dist.world
+        if self.dist.main:
+            ckpt.save_checkpoint(self.out / "checkpoint", tensors, meta)
+        distributed.barrier(self.dist)
+
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG states (dropout differs per rank) and the gate-noise generator."""
+        local = ckpt.rng_state()
+        if is_prepared(self.model) and get_state(self.model).noise_generator() is not None:
+            local["rng.gates"] = get_state(self.model).noise_generator().get_state()
+        return {f"rank{r}.{k}": v for r, states in enumerate(distributed.gather(local, self.dist))
+                for k, v in states.items()}
+
+    def _set_rng(self, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = f"rank{self.dist.rank}."
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        ckpt.set_rng_state(mine)
+        if "rng.gates" in mine:
+            get_state(self.model).noise_generator().set_state(mine["rng.gates"])
 
     def _restore(self) -> None:
         tensors, meta = ckpt.load_checkpoint(self.out / "checkpoint")
+        if meta.get("world_size", 1) != self.dist.world:
+            raise ConfigError(f"cannot resume {self.out}: it was trained by {meta.get('world_size', 1)} "
+                              f"processes, this launch has {self.dist.world} (dropout RNG and "
+                              "batch split are per rank)")
         if meta["config"] != self.cfg.fingerprint():
             changed = sorted(k for k, v in self.cfg.fingerprint().items()
                              if meta["config"].get(k) != v)
@@ -408,7 +490,7 @@ class Trainer:
         if meta["best"] is not None:
             self.best = {**meta["best"], "tensors": {k[5:]: v for k, v in tensors.items()
                                                      if k.startswith("best.")}}
-        ckpt.set_rng_state(tensors)
+        self._set_rng(tensors)
         log.info("resumed %s at step %d", self.out, self.pos["global_step"])
 
     def _install_signal_handlers(self) -> dict:
@@ -423,6 +505,8 @@ class Trainer:
         return old
 
     def _log(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -430,27 +514,21 @@ class Trainer:
     def _finish(self) -> dict:
         if self.best is not None:
             self._load_trainables(self.best["tensors"])
-        diff = SparseDiff.from_model(self.model, base_model=self.cfg.model,
-                                     metadata=self._diff_metadata(),
-                                     values_dtype=self.cfg.values_dtype)
-        path = diff.save(self.out / "diff")
-        state = get_state(self.model)
-        diff_bytes = sum(f.stat().st_size for f in path.iterdir())
         final = self.best["dev"] if self.best else self._eval()
+        if not self.dist.main:  # rank 0 writes; the others receive its results
+            return distributed.gather(None, self.dist)[0]
+        artifact = self._save_artifact()
         results = {
             "task": self.spec.name, "method": self.cfg.method, "seed": self.cfg.seed,
             "dev": final, "score": final["score"], "data_source": self.data.source,
-            "train_examples": len(self.train_items),
-            "density": diff.nnz / state.numel(), "nnz": diff.nnz,
-            "gated_params": state.numel(), "dense_params": sum(v.numel() for v in
-                                                              diff.dense.values()),
-            "total_params": self.total_params, "diff_bytes": diff_bytes,
-            "position_bits_per_nnz": diff.position_bits(),
-            "wall_time_s": self.elapsed, "train_steps": self.pos["global_step"],
+            "train_examples": len(self.train_items), **artifact,
+            "total_params": self.total_params, "wall_time_s": self.elapsed,
+            "train_steps": self.pos["global_step"], "peak_memory_bytes": peak_memory(self.device),
             **self.results, "config": dataclasses.asdict(self.cfg),
         }
+        results["world_size"] = self.dist.world
         atomic_write_bytes(self.out / "results.json", json.dumps(results, indent=1).encode())
-        return results
+        return distributed.gather(results, self.dist)[0]
 
     def _diff_metadata(self) -> dict:
         spec = self.spec
@@ -460,6 +538,34 @@ class Trainer:
                 "head": head_config(spec)}
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it pays (CUDA with bf16), fp32 otherwise; see TrainConfig.precision."""
+    if precision == "fp32" or (precision == "auto" and not (
+            device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return None
+    return torch.bfloat16
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA allocator peak on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run ``cfg`` end to end; returns the results dict (also written to results.json)."""
-    return Trainer(cfg).run()
+    if cfg.method in PEFT_METHODS:
+        from .peers import PeftTrainer  # needs the optional `peft` package
+        trainer = PeftTrainer(cfg)
+    else:
+        trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        distributed.teardown(trainer.dist)

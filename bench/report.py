@@ -1,0 +1,185 @@
+"""The report of bench/compare.py: results.md (the paper's table layout, storage, cost), plots.
+
+Reads the per-run records; every number in the report is computed from them here.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+LABELS = {"full": "full finetuning", "magnitude": "magnitude (0.5%)", "bitfit": "BitFit",
+          "lora": "LoRA (PEFT, ~0.5%)", "shira": "SHiRA (PEFT, ~0.5%)"}
+
+
+def label(variant: str) -> str:
+    if variant.startswith("diff-"):
+        _, kind, density = variant.split("-")
+        return f"diff pruning, {'structured' if kind == 's' else 'unstructured'} {100 * float(density):g}%"
+    return LABELS.get(variant, variant)
+
+
+def _mean(xs):
+    return statistics.mean(xs) if xs else None
+
+
+def aggregate(records: list[dict], tasks: tuple[str, ...]) -> dict:
+    """Per variant: mean score per task (over seeds), average, and per-task costs."""
+    by = defaultdict(list)
+    for r in records:
+        by[r["variant"]].append(r)
+    rows = {}
+    for variant, rs in by.items():
+        per_task = {t: [r["score"] for r in rs if r["task"] == t] for t in tasks}
+        means = {t: _mean(s) for t, s in per_task.items() if s}
+        rows[variant] = {
+            "scores": means, "sd": {t: statistics.stdev(s) for t, s in per_task.items()
+                                    if len(s) > 1},
+            "n": {t: len(s) for t, s in per_task.items()},
+            "average": _mean(list(means.values())) if len(means) == len(tasks) else None,
+            # share of the base outside the head (BitFit's gated set is the biases only)
+            "pct_params": 100 * _mean([r["nnz"] / (r["total_params"] - r["dense_params"])
+                                       for r in rs]),
+            "stored_params": _mean([r["stored_params"] for r in rs]),
+            "trainable_params": _mean([r["trainable_params"] for r in rs]),
+            "bytes": _mean([r["artifact_bytes"] for r in rs]),
+            "bits_per_nnz": _mean([8 * r["artifact_bytes"] / r["nnz"] for r in rs]),
+            "position_bits": _mean([r["position_bits_per_nnz"] for r in rs
+                                    if r.get("position_bits_per_nnz")]),
+            "wall_time_s": _mean([r["wall_time_s"] for r in rs]),
+            "peak_memory_bytes": _mean([r["peak_memory_bytes"] for r in rs]),
+            "rank": rs[0].get("rank"),
+            "l0": [{"task": r["task"], "seed": r["seed"], "l0_dev": r["phases"]["l0"]["dev"]["score"],
+                    "l0_density": r["phases"]["l0"]["expected_density"],
+                    "projection_dev": r["projection"]["dev"]["score"], "final": r["score"],
+                    "by_delta": r["projection"].get("by_delta"),
+                    "by_fill": r["projection"].get("by_fill")}
+                   for r in rs if "l0" in (r.get("phases") or {})],
+        }
+    return rows
+
+
+def _fmt(x, spec=".2f"):
+    return "" if x is None else format(x, spec)
+
+
+def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int) -> list[str]:
+    order = sorted(rows, key=lambda v: (v != "full", not v.startswith("diff-s"),
+                                        not v.startswith("diff-u"), v))
+    main = ["| method | % params per task | " + " | ".join(tasks) + " | average | bytes per task |",
+            "|---" * (len(tasks) + 4) + "|"]
+    for v in order:
+        r = rows[v]
+        # full finetuning stores a whole checkpoint per task (as in the paper's table)
+        pct, size = (100, ckpt_bytes) if v == "full" else (r["pct_params"], r["bytes"])
+        cells = [_fmt(r["scores"].get(t)) + (f" ± {r['sd'][t]:.2f}" if t in r["sd"] else "")
+                 for t in tasks]
+        main.append(f"| {label(v)} | {pct:.3g} | " + " | ".join(cells)
+                    + f" | {_fmt(r['average'])} | {size / 1e3:,.0f} kB |")
+    storage = ["| method | stored parameters (incl. head) | bytes per task | bits per stored "
+               "value (all files) | position bits per nonzero | x smaller than a checkpoint |",
+               "|---|---|---|---|---|---|",
+               f"| full checkpoint (safetensors) | | {ckpt_bytes / 1e3:,.0f} kB | | | 1 |"]
+    for v in order:
+        r = rows[v]
+        name = "full finetuning, written as a sparse diff" if v == "full" else label(v)
+        storage.append(f"| {name} | {r['stored_params']:,.0f} | {r['bytes'] / 1e3:,.0f} kB | "
+                       f"{r['bits_per_nnz']:.1f} | {_fmt(r['position_bits'], '.2f')} | "
+                       f"{ckpt_bytes / r['bytes']:,.0f} |")
+    cost = ["| method | trainable parameters (largest phase) | wall time per run (s) | "
+            "peak memory (MB) |", "|---|---|---|---|"]
+    for v in order:
+        r = rows[v]
+        cost.append(f"| {label(v)} | {r['trainable_params']:,.0f} | {r['wall_time_s']:.0f} | "
+                    f"{r['peak_memory_bytes'] / 2**20:,.0f} |")
+    l0 = ["| variant | task | seed | E[density] end of L0 | dev after L0 | after projection | "
+          "final | kept by delta / filled |", "|---|---|---|---|---|---|---|---|"]
+    for v in order:
+        for e in rows[v]["l0"]:
+            l0.append(f"| {label(v)} | {e['task']} | {e['seed']} | {e['l0_density']:.5f} | "
+                      f"{e['l0_dev']:.2f} | {e['projection_dev']:.2f} | {e['final']:.2f} | "
+                      f"{e['by_delta']} / {e['by_fill']} |")
+    return ["## Dev scores", "", *main, "", "## Storage per task", "", *storage, "",
+            "## Training cost (this machine)", "", *cost, "",
+            "## The L0 phase of each diff-pruning run", "", *l0]
+
+
+def plot_scores(rows: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for prefix, name, style in (("diff-s-", "diff pruning (structured)", "o-"),
+                                ("diff-u-", "diff pruning (unstructured)", "s--")):
+        pts = sorted((rows[v]["pct_params"], rows[v]["average"]) for v in rows
+                     if v.startswith(prefix) and rows[v]["average"] is not None)
+        if pts:
+            ax.plot(*zip(*pts), style, label=name)
+    for v in ("full", "magnitude", "bitfit", "lora", "shira"):
+        if v in rows and rows[v]["average"] is not None:
+            x = 100 if v == "full" else rows[v]["pct_params"]
+            ax.plot(x, rows[v]["average"], "^", markersize=8, label=label(v))
+    ax.set_xscale("log")
+    ax.set_xlabel("% of base parameters stored per task (log scale)")
+    ax.set_ylabel("average dev score")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_nonzeros(records: list[dict], variant: str, path: Path) -> bool:
+    """Where diff pruning put its nonzeros, summed over the tasks of one variant."""
+    from diffprune import SparseDiff
+    from diffprune.inspect_diff import plot, summary
+    infos = [summary(SparseDiff.load(r["artifact"])) for r in records
+             if r["variant"] == variant and Path(r["artifact"]).exists()]
+    if not infos:
+        return False
+    merged = {"nnz": sum(i["nnz"] for i in infos),
+              "gated_params": sum(i["gated_params"] for i in infos)}
+    merged["density"] = merged["nnz"] / merged["gated_params"]
+    for key in ("per_layer", "per_component"):
+        table = defaultdict(lambda: [0, 0])
+        for i in infos:
+            for k, v in i[key].items():
+                table[k][0] += v["nnz"]
+                table[k][1] += v["params"]
+        merged[key] = {k: {"density": n / p} for k, (n, p) in table.items()}
+    plot(merged, str(path))
+    return True
+
+
+def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile, command: str,
+                 ckpt_bytes: int) -> None:
+    rows = aggregate(records, tasks)
+    (out / "results.json").write_text(json.dumps({"command": command, "tasks": list(tasks),
+                                                  "full_checkpoint_bytes": ckpt_bytes,
+                                                  "methods": rows}, indent=1))
+    if rows:
+        plot_scores(rows, out / "score_vs_params.png")
+    structured = sorted({r["variant"] for r in records if r["variant"].startswith("diff-s-")},
+                        key=lambda v: abs(float(v.split("-")[2]) - 0.005))
+    has_nz = bool(structured) and plot_nonzeros(records, structured[0], out / "nonzeros.png")
+    train = (f"{profile.max_train_samples:,} seeded training examples per task"
+             if profile.max_train_samples else "full training sets")
+    text = ["# diffprune vs full finetuning, BitFit, LoRA and SHiRA (issue 4)", "",
+            f"Command: `{command}`", "",
+            f"Model: `{records[0]['config']['model'] if records else profile.model}`; {train}; "
+            f"max length 128; seeds {list(profile.seeds)}; diff pruning and magnitude "
+            f"{profile.epochs} + {profile.fixmask_epochs} epochs, the single-phase methods "
+            f"(full, BitFit, LoRA, SHiRA) {profile.epochs + profile.fixmask_epochs} epochs, so "
+            "every method takes the same number of steps. Scores: each task's official dev "
+            "metric (mean of its metrics), percent. `% params per task`: parameters a task "
+            "stores beyond the base, as a share of the base (the dense task head, the same "
+            "for every method, is stored too and counted in the byte columns).", "",
+            *tables(rows, tasks, ckpt_bytes), "",
+            "![average score vs parameters](score_vs_params.png)", ""]
+    if has_nz:
+        text += [f"Where {label(structured[0])} puts its nonzeros, summed over the tasks "
+                 "(share of each layer's and each component's parameters changed):", "",
+                 "![nonzeros per layer and component](nonzeros.png)", ""]
+    (out / "results.md").write_text("\n".join(text))
+    print("\n".join(text))

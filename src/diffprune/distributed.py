@@ -1,0 +1,93 @@
+"""Data-parallel training under ``torchrun`` / ``accelerate launch`` (DistributedDataParallel).
+
+The launchers set RANK, WORLD_SIZE and LOCAL_RANK; with WORLD_SIZE > 1 the trainer joins the
+process group (NCCL on GPUs, gloo on CPU), wraps the model in DDP for each phase and splits
+every global batch across ranks. What is random where:
+- data order: one seeded permutation, the same on every rank (each rank takes its slice);
+- gate noise: the diff's own generator, seeded alike on every rank, so one mask per step;
+- dropout: torch's global RNG, seeded with seed + rank, so independent per rank.
+Only rank 0 writes (checkpoints, metrics, the diff, results.json); writes stay atomic.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str) -> Dist:
+    """Join the process group when launched with WORLD_SIZE > 1; a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    info = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return info
+
+
+def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.Module:
+    """DDP over ``model`` (its trainables change between phases, so wrap once per phase).
+
+    broadcast_buffers=False: the frozen theta0 buffers are identical on every rank and would
+    otherwise be re-sent every step."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def shard(indices: list, info: Dist) -> list:
+    """This rank's slice of a global batch (every rank gets one when len >= world)."""
+    return indices[info.rank::info.world]
+
+
+def any_rank(flag: bool, info: Dist) -> bool:
+    """True on every rank when it is true on any (so all ranks stop at the same step)."""
+    if not info.enabled:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather(obj, info: Dist) -> list:
+    """obj from every rank, on every rank (rank order)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: Dist) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def teardown(info: Dist) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""LoRA / SHiRA through PEFT in the training loop, and the benchmark harness (smoke profile)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffprune.train import TrainConfig, train
+
+peft = pytest.importorskip("peft")
+ROOT = Path(__file__).parent.parent
+
+
+def _cfg(tiny_model_dir, tiny_glue, out, **kw):
+    return TrainConfig(task="sst2", model=str(tiny_model_dir), data_dir=str(tiny_glue),
+                       out=str(out), epochs=2, fixmask_epochs=1, **kw)
+
+
+@pytest.mark.parametrize("method", ["lora", "shira"])
+def test_peft_method_budget_artifact_and_reload(tiny_model_dir, tiny_glue, tmp_path, method):
+    from peft import PeftModel
+
+    from diffprune.data import get_task
+    from diffprune.hf import head_config, load_model
+    from diffprune.peers import linear_targets, params_per_rank
+    res = train(_cfg(tiny_model_dir, tiny_glue, tmp_path / method, method=method, density=0.05,
+                     lr_head=1e-2, lr_adapter=1e-2))
+    base, tok = load_model(str(tiny_model_dir), head_config(get_task("sst2")))
+    per_rank = params_per_rank(base, linear_targets(base))
+    # the rank whose size is nearest the budget: no other rank comes closer
+    budget = 0.05 * res["gated_params"]
+    assert res["nnz"] == res["rank"] * per_rank
+    assert abs(res["nnz"] - budget) <= per_rank / 2
+    files = sorted(p.name for p in Path(res["artifact"]).iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert res["artifact_bytes"] == sum(p.stat().st_size
+                                        for p in Path(res["artifact"]).iterdir())
+    # PEFT's own loader on a fresh base reproduces the trained model's dev score
+    model = PeftModel.from_pretrained(base, res["artifact"]).eval()
+    from diffprune.data.batches import evaluate, tokenize
+    from diffprune.data import load_task
+    dev = load_task(get_task("sst2"), str(tiny_glue)).dev
+    items = {k: tokenize(tok, v, 128) for k, v in dev.items()}
+    score = evaluate(model, tok, get_task("sst2"), items, 8, torch.device("cpu"))["score"]
+    assert score == pytest.approx(res["score"])
+    assert res["trainable_params"] == res["stored_params"]
+
+
+def test_peft_resume_gives_the_same_adapter(tiny_model_dir, tiny_glue, tmp_path):
+    from safetensors.torch import load_file
+    straight = train(_cfg(tiny_model_dir, tiny_glue, tmp_path / "a", method="lora"))
+    with pytest.raises(Exception, match="stopped after step 3"):
+        train(_cfg(tiny_model_dir, tiny_glue, tmp_path / "b", method="lora",
+                   stop_after_steps=3))
+    resumed = train(_cfg(tiny_model_dir, tiny_glue, tmp_path / "b", method="lora", resume=True))
+    a = load_file(Path(straight["artifact"]) / "adapter_model.safetensors")
+    b = load_file(Path(resumed["artifact"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
+    out = tmp_path / "compare"
+    cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--profile", "smoke",
+           "--model", str(tiny_model_dir), "--data-dir", str(tiny_glue), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert set(runs) == {"sst2-full-s1", "sst2-diff-s-0.05-s1", "sst2-bitfit-s1",
+                         "sst2-lora-s1"}
+    for r in runs.values():  # every run recorded the columns of the table
+        assert r["artifact_bytes"] > 0 and r["peak_memory_bytes"] > 0 and r["wall_time_s"] > 0
+        assert r["train_steps"] == 12  # 48 examples, batch 8, two epochs (1 + 1 for diff)
+    assert runs["sst2-diff-s-0.05-s1"]["nnz"] == round(0.05 * runs["sst2-diff-s-0.05-s1"]
+                                                       ["gated_params"])
+    report = (out / "results.md").read_text()
+    for name in ("full finetuning", "diff pruning, structured 5%", "BitFit", "LoRA"):
+        assert f"| {name}" in report
+    assert (out / "score_vs_params.png").stat().st_size > 0
+    assert (out / "nonzeros.png").stat().st_size > 0
+    # a second call trains nothing: every run is found and reused
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "sst2 lora seed 1" in again.stdout
+    assert json.loads((out / "runs" / "sst2-lora-s1.json").read_text()) == runs["sst2-lora-s1"]
