@@ -51,6 +51,16 @@ def test_activate_switch_and_restore_are_exact(bank_and_models):
         bank.activate("b")
 
 
+def test_parameters_are_packed_and_a_switch_is_one_write(bank_and_models):
+    bank, _ = bank_and_models
+    storages = {p.untyped_storage().data_ptr() for p in bank.model.parameters()}
+    assert len(storages) == 1  # one flat float32 buffer behind every parameter
+    for name in bank.tasks():
+        (buffer, idx, base, task), = bank._switch[name].writes
+        assert idx.shape == base.shape == task.shape == (bank.diffs[name].nnz,)
+        assert torch.equal(buffer[idx], base)  # the values it restores are the base's
+
+
 def test_mixed_batch_equals_each_row_through_its_own_model(bank_and_models):
     bank, models = bank_and_models
     b = batch(n=7, seed=3)
