@@ -35,6 +35,25 @@ def test_projection_keeps_exactly_k_largest(density):
     assert torch.equal(chosen, deltas.abs().sort().values[-k:])
 
 
+@pytest.mark.parametrize("structured", [True, False])
+def test_expected_score_keeps_the_largest_p_open_times_w(structured):
+    model = _random_l0_model(seed=3, structured=structured)
+    state = dp.get_state(model)
+    elem, group = state.logits()
+    probs = [torch.sigmoid(a) for a in elem]  # c = log(-l/r) = 0 for l = -1.5, r = 1.5
+    if structured:
+        probs = [p * torch.sigmoid(group[i]) for i, p in enumerate(probs)]
+    score = torch.cat([(p * w.abs()).detach().reshape(-1) for p, w in zip(probs, state.w)])
+    deltas = torch.cat([d.detach().reshape(-1) for d in state.deltas()])
+    k = round(0.02 * state.numel())
+    dp.project_(model, density=0.02, score="expected")
+    offsets = torch.tensor([0] + [t.numel for t in state.targets]).cumsum(0)
+    kept = torch.cat([state.indices(i) + offsets[i] for i in range(len(state.targets))])
+    assert torch.equal(kept.sort().values, torch.topk(score, k).indices.sort().values)
+    values = torch.cat(list(state.values)).detach()
+    assert torch.equal(values, deltas[kept])  # kept values are delta, as with score="delta"
+
+
 def test_ties_are_broken_deterministically():
     scores = [torch.ones(10), torch.ones(5), torch.zeros(4)]
     out = top_k_positive(scores, 12)

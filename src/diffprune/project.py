@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import gates
 from .errors import ConfigError, DiffPruneError
 from .inject import get_state
 
@@ -74,31 +75,46 @@ def top_k_positive(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return out
 
 
-def _scores(state) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _scores(state, score: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(delta, the selection score, the fill score |w|) per target."""
     with torch.no_grad():
         deltas = [d.detach() for d in state.deltas(stochastic=False)]
         fill = [w.detach().abs() for w in state.w]
-    return deltas, fill
+        if score == "delta" or state.stage != "l0":
+            return deltas, [d.abs() for d in deltas], fill
+        # expected |delta| ~ P(gate open) * |w|: half-open gates with a large w still count
+        c = state.config
+        kw = {"left": c.stretch_left, "right": c.stretch_right, "temperature": c.temperature}
+        elem, group = state.logits()
+        probs = [gates.prob_nonzero(a, **kw) for a in elem]
+        if group is not None:
+            pg = gates.prob_nonzero(group, **kw)
+            probs = [p * pg[i] for i, p in enumerate(probs)]
+        return deltas, [p * f for p, f in zip(probs, fill)], fill
 
 
 @torch.no_grad()
 def project_(model: nn.Module, density: float | None = None, nnz: int | None = None,
-             fill: str = "w") -> ProjectionReport:
+             fill: str = "w", score: str = "delta") -> ProjectionReport:
     """Keep exactly k entries of delta (by |delta|) and switch the model to the fixed mask.
 
     ``fill="w"``: if fewer than k entries of delta are nonzero, fill up with the largest |w|
     among the rest (entries whose gate closed but whose weight learned something); the filled
     entries start at delta = 0, so the model's function is unchanged by the fill.
     ``fill="none"``: keep only the nonzero entries (fewer than k).
+    ``score="expected"`` ranks the L0 stage by P(gate open) * |w| instead of |delta| (the
+    deterministic gate); the kept values are delta either way.
     """
     state = get_state(model)
     if state.stage not in ("l0", "dense"):
         raise DiffPruneError(f"project_ needs the L0 or dense stage; the model is in {state.stage!r}")
     if fill not in ("w", "none"):
         raise ConfigError(f"fill must be 'w' or 'none', got {fill!r}")
+    if score not in ("delta", "expected"):
+        raise ConfigError(f"score must be 'delta' or 'expected', got {score!r}")
     k = budget(state.numel(), density, nnz)
-    deltas, fill_scores = _scores(state)
-    chosen = top_k_positive([d.abs() for d in deltas], k)
+    deltas, scores, fill_scores = _scores(state, score)
+    chosen = top_k_positive(scores, k)
     by_delta = sum(c.numel() for c in chosen)
     by_fill = 0
     if by_delta < k and fill == "w":

@@ -118,6 +118,9 @@ class TrainConfig:
     gate_grad: str = "expected"
     """'expected' (every gate learns every step; chosen by measurement) or 'sampled' (the
     paper's gradient through the sampled gate)."""
+    projection: str = "delta"
+    """How the projection ranks entries: 'delta' (|z * w| with the test-time gate, the
+    paper's) or 'expected' (P(gate open) * |w|)."""
     gate_update: str = "adam"
     """How log_alpha steps: 'adam' (per-gate normalisation, the paper's) or 'shared_rms'
     (one normaliser per group, so a gate's step keeps the size of its evidence; optim.py)."""
@@ -147,6 +150,8 @@ class TrainConfig:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.projection not in ("delta", "expected"):
+            raise ConfigError(f"projection must be delta or expected, got {self.projection!r}")
         if self.gate_update not in ("adam", "shared_rms"):
             raise ConfigError(f"gate_update must be adam or shared_rms, got {self.gate_update!r}")
         if self.sparsity not in ("controller", "penalty"):
@@ -267,7 +272,8 @@ class Trainer:
                 k = random_mask_(self.model, density=self.cfg.density, seed=self.cfg.seed)
                 self.results["projection"] = {"k": k, "random": True}
             else:
-                report = project_(self.model, density=self.cfg.density)
+                report = project_(self.model, density=self.cfg.density,
+                                  score=self.cfg.projection)
                 self.results["projection"] = dataclasses.asdict(report)
             self.model.to(self.device)
             self.results["projection"]["dev"] = self._eval()
