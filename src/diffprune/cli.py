@@ -263,8 +263,8 @@ def tune_allocator() -> None:
 def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s")
+    quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 talks
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

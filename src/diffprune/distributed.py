@@ -49,13 +49,18 @@ def setup(device: str) -> Dist:
 def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.Module:
     """DDP over ``model`` (its trainables change between phases, so wrap once per phase).
 
-    broadcast_buffers=False: the frozen theta0 buffers are identical on every rank and would
-    otherwise be re-sent every step."""
+    Buffers are not synced per forward: the frozen theta0 buffers are identical on every rank
+    and would otherwise be re-sent every step."""
     if not info.enabled:
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # newer torch renamed the switch (and deprecates the old name)
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in
+            inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+    return DistributedDataParallel(model, device_ids=ids, **{name: False})
 
 
 def shard(indices: list, info: Dist) -> list:
@@ -89,5 +94,7 @@ def barrier(info: Dist) -> None:
 
 
 def teardown(info: Dist) -> None:
+    """Leave together: a rank that tears down while another still talks to it can abort."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
