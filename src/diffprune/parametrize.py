@@ -226,6 +226,11 @@ class DiffState(nn.Module):
             self._eval_key = key
         else:
             self._eval_key = None
+        # Let go of the previous step's thetas before computing the new ones: otherwise both
+        # sets are alive at once, one model's worth of memory at the peak.
+        for target in self.targets:
+            for module, attr in target.owners:
+                module.__dict__.pop(attr, None)
         for target, theta in zip(self.targets, self.thetas(stochastic)):
             for module, attr in target.owners:
                 # A plain attribute (the Parameter was removed from module._parameters).
