@@ -101,7 +101,10 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int) -> list[str]:
                       f"{e['l0_dev']:.2f} | {e['projection_dev']:.2f} | {e['final']:.2f} | "
                       f"{e['by_delta']} / {e['by_fill']} |")
     return ["## Dev scores", "", *main, "", "## Storage per task", "", *storage, "",
-            "## Training cost (this machine)", "", *cost, "",
+            "## Training cost (this machine)", "",
+            "Wall time and peak resident memory of each run's process. The machine was not "
+            "isolated: other jobs shared its 2 CPUs during some runs, so wall times are rough; "
+            "`bench/train_cost.py` is the controlled step-cost comparison.", "", *cost, "",
             "## The L0 phase of each diff-pruning run", "", *l0]
 
 
