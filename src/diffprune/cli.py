@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import inspect
 import json
-import os
 import logging
 import sys
 import typing
@@ -24,6 +23,7 @@ from .errors import DiffPruneError
 from .hf import load_model
 from .sparse_diff import SparseDiff
 from .data.batches import collate, evaluate, predictions, tokenize
+from .distributed import is_main_process
 from .train import METHODS, TrainConfig, TrainingInterrupted, train
 
 log = logging.getLogger("diffprune")
@@ -95,7 +95,7 @@ def _load_applied(diff_dir: str, base: str | None, force: bool):
 
 def cmd_train(args) -> int:
     results = train(_config(args))
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+    if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     print(json.dumps({k: results[k] for k in ("task", "method", "score", "density", "nnz",
                                               "artifact_bytes", "wall_time_s")}, indent=1))
@@ -263,7 +263,7 @@ def tune_allocator() -> None:
 def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     args = build_parser().parse_args(argv)
-    quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 talks
+    quiet = args.quiet or not is_main_process()  # under torchrun, rank 0 talks
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()

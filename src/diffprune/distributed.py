@@ -32,6 +32,11 @@ class Dist:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0, or no launcher at all (usable before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def setup(device: str) -> Dist:
     """Join the process group when launched with WORLD_SIZE > 1; a no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -194,15 +194,15 @@ class DiffState(nn.Module):
         memory and fewer passes."""
         c = self.config
         elem, group = self.logits()
+        gen = self.noise_generator() if stochastic else None
         if group is None:
             zg = torch.ones(len(self.targets), device=self.theta0(0).device)
         elif stochastic:
-            zg = gates.sample_gate(group, temperature=c.temperature,
-                                   generator=self.noise_generator(), **self.gate_args())
+            zg = gates.sample_gate(group, temperature=c.temperature, generator=gen,
+                                   **self.gate_args())
         else:
             zg = gates.deterministic_gate(group, **self.gate_args())
         expected = c.gate_grad == "expected"
-        gen = self.noise_generator() if stochastic else None
         return [GatedDelta.apply(self.theta0(i), w, a, zg[i], c.stretch_left, c.stretch_right,
                                  c.temperature if stochastic else 1.0, stochastic, expected,
                                  gen)

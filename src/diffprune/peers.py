@@ -10,7 +10,6 @@ diff pruning gets. The artifact is PEFT's own ``save_pretrained`` directory.
 """
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,13 +20,14 @@ from torch import nn
 from .config import DEFAULT_DENSE_PATTERNS
 from .errors import ConfigError
 from .fileio import atomic_write_dir
+from .inject import _matches
 from .train import Phase, Trainer, _dir_bytes
 
 ADAPTER_DIR = "adapter"
 
 
 def _is_head(name: str) -> bool:
-    return any(re.search(p, name) for p in DEFAULT_DENSE_PATTERNS)
+    return _matches(name, DEFAULT_DENSE_PATTERNS)
 
 
 def linear_targets(model: nn.Module) -> list[str]:
@@ -41,9 +41,13 @@ def params_per_rank(model: nn.Module, targets: list[str]) -> int:
     return sum(modules[n].in_features + modules[n].out_features for n in targets)
 
 
-def rank_for_budget(model: nn.Module, targets: list[str], density: float) -> int:
-    """The r >= 1 whose adapter size is nearest to density * (parameters outside the head)."""
-    base = sum(p.numel() for n, p in model.named_parameters() if not _is_head(n))
+def base_params(model: nn.Module) -> int:
+    """Parameters outside the task head: the base the budget is a share of."""
+    return sum(p.numel() for n, p in model.named_parameters() if not _is_head(n))
+
+
+def rank_for_budget(model: nn.Module, targets: list[str], density: float, base: int) -> int:
+    """The r >= 1 whose adapter size is nearest to density * base."""
     return max(1, round(density * base / params_per_rank(model, targets)))
 
 
@@ -72,10 +76,9 @@ class PeftTrainer(Trainer):
 
     def _prepare_model(self) -> None:
         cfg = self.cfg
-        targets = linear_targets(self.model)
-        self.rank = cfg.peft_rank or rank_for_budget(self.model, targets, cfg.density)
-        self.base_params = sum(p.numel() for n, p in self.model.named_parameters()
-                               if not _is_head(n))
+        self.base_params = base_params(self.model)
+        self.rank = cfg.peft_rank or rank_for_budget(self.model, linear_targets(self.model),
+                                                     cfg.density, self.base_params)
         self.model = wrap(self.model, cfg.method, self.rank, cfg.seed)
 
     def _split(self) -> tuple[list, list]:

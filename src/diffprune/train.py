@@ -453,8 +453,8 @@ class Trainer:
                 "optimizer": opt_meta, "elapsed": self.elapsed,
                 "controller": self.controller.state_dict() if self.controller else None,
                 "best": None if self.best is None else {k: v for k, v in self.best.items()
-                                                        if k != "tensors"}}
-        meta["world_size"] = self.dist.world
+                                                        if k != "tensors"},
+                "world_size": self.dist.world}
         if self.dist.main:
             ckpt.save_checkpoint(self.out / "checkpoint", tensors, meta)
         distributed.barrier(self.dist)
@@ -462,8 +462,9 @@ class Trainer:
     def _rng_tensors(self) -> dict[str, torch.Tensor]:
         """Every rank's RNG states (dropout differs per rank) and the gate-noise generator."""
         local = ckpt.rng_state()
-        if is_prepared(self.model) and get_state(self.model).noise_generator() is not None:
-            local["rng.gates"] = get_state(self.model).noise_generator().get_state()
+        gen = get_state(self.model).noise_generator() if is_prepared(self.model) else None
+        if gen is not None:
+            local["rng.gates"] = gen.get_state()
         return {f"rank{r}.{k}": v for r, states in enumerate(distributed.gather(local, self.dist))
                 for k, v in states.items()}
 
