@@ -40,6 +40,7 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
     else:
         dp.prepare_(model, dp.DiffPruneConfig(structured=config != "l0_unstructured",
                                               gate_grad="expected"))
+        dp.get_state(model).seed_noise(0)  # as the trainer does: backward redraws the noise
         if config == "fixmask":
             dp.project_(model, density=0.005)  # all-zero delta: fills by |w| or leaves empty
             if dp.expected_density(model) == 0:
@@ -56,7 +57,8 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
         if controller is not None:
             controller.step(model)
         model(input_ids=ids, labels=labels).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]
+                                        if g.get("name") not in ("gates", "group_gates")], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= 3:

@@ -51,3 +51,29 @@ def test_expected_gate_gradient_reaches_clamped_gates():
     assert torch.equal(sampled, expected)  # same forward
     p = torch.sigmoid(torch.tensor(-6.0))
     assert torch.allclose(b.grad, w * p * (1 - p))  # g * w * sigma'(a - c), g = 1
+
+
+@pytest.mark.parametrize("expected_grad", [False, True])
+def test_recomputed_noise_matches_stored_gate(expected_grad):
+    """With a generator, backward draws the forward's noise again instead of keeping z:
+    the gradients equal those of the plain formulation with the same noise."""
+    torch.manual_seed(0)
+    theta0, w0, a0 = torch.randn(40, 7), torch.randn(40, 7) * 0.1, torch.randn(40, 7) * 2
+    zg0, upstream = torch.tensor(0.6), torch.randn(40, 7)
+    w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
+    gen = torch.Generator().manual_seed(5)
+    theta = GatedDelta.apply(theta0, w, a, zg, -1.5, 1.5, 1.0, True, expected_grad, gen)
+    torch.rand(3, generator=gen)  # the generator moves on before backward
+    (theta * upstream).sum().backward()
+    u = torch.rand(40, 7, generator=torch.Generator().manual_seed(5))
+    w2, a2, zg2 = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
+    z = gates.sample_gate(a2, u=u)
+    ref = theta0 + z * zg2 * w2
+    if expected_grad:  # the surrogate: d/da P(z != 0) in place of dz/da
+        p = torch.sigmoid(a2)
+        z = z.detach() + (p - p.detach())
+        ref = theta0 + z * zg2 * w2
+    (ref * upstream).sum().backward()
+    assert torch.allclose(theta, ref, atol=1e-6)
+    for x, y in ((w.grad, w2.grad), (a.grad, a2.grad), (zg.grad, zg2.grad)):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()

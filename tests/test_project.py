@@ -131,3 +131,39 @@ def test_density_controller_reaches_target(target, structured):
         opt.zero_grad()
     density = dp.expected_density(model)
     assert target / 1.2 < density < target * 1.2, density
+
+
+def test_gates_held_open_then_started_from_magnitude():
+    """While held open the model is theta0 + w and the gates get no gradient; then the gates
+    start ordered by |w| (entries with w = 0 lowest) and the controller still lands."""
+    model = _random_l0_model()
+    state = dp.get_state(model)
+    state.hold_open = True
+    opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-2, lr_gate=0.1))
+    model.train()
+    for _ in range(3):
+        model(**batch(), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        assert all(a.grad is None for a in state.log_alpha)
+        opt.step()
+        opt.zero_grad()
+    expect = [(state.theta0(i) + w).detach() for i, w in enumerate(state.w)]
+    got = [t.detach() for t in state.thetas(stochastic=True)]
+    assert all(torch.equal(x, y) for x, y in zip(expect, got))
+    with torch.no_grad():
+        state.w[0].view(-1)[:5] = 0.0
+    state.hold_open = False
+    state.init_gates_from_w_(4.0)
+    w = torch.cat([x.detach().reshape(-1) for x in state.w])
+    a = torch.cat([x.detach().reshape(-1) for x in state.log_alpha])
+    nz = w != 0
+    assert a[~nz].max() < a[nz].min() + 1e-6  # never-moved entries at the bottom
+    order = torch.argsort(w[nz].abs())
+    assert (a[nz][order].diff() >= -1e-4).all()  # monotone in |w| (up to the floor)
+    assert (a[nz] >= 5.0 - 1e-4).float().mean() > 0.98  # start nearly dense
+    ctl = dp.DensityController(0.01, total_steps=40, warmup_fraction=0.5)
+    for _ in range(40):
+        ctl.step(model)
+        model(**batch(), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert 0.01 / 1.2 < dp.expected_density(model) < 0.01 * 1.2

@@ -51,9 +51,11 @@ def setup(device: str) -> Dist:
     return info
 
 
-def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, info: Dist, device: torch.device,
+         find_unused: bool = False) -> torch.nn.Module:
     """DDP over ``model`` (its trainables change between phases, so wrap once per phase).
 
+    ``find_unused``: some trainables get no gradient in some steps (gates held open).
     Buffers are not synced per forward: the frozen theta0 buffers are identical on every rank
     and would otherwise be re-sent every step."""
     if not info.enabled:
@@ -65,7 +67,8 @@ def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.M
     # newer torch renamed the switch (and deprecates the old name)
     name = ("forward_sync_buffers" if "forward_sync_buffers" in
             inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
-    return DistributedDataParallel(model, device_ids=ids, **{name: False})
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
+                                   **{name: False})
 
 
 def shard(indices: list, info: Dist) -> list:

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import gates
 from .config import DiffPruneConfig
+from .errors import DiffPruneError
 from .fused import GatedDelta
 
 STAGES = ("l0", "dense", "fixed")
@@ -60,6 +61,7 @@ class DiffState(nn.Module):
         self.dense_names = dense_names
         self.stage = ""
         self.noise_seed: int | None = None  # None: gate noise from torch's global RNG
+        self.hold_open = False  # L0 stage with every gate held open: delta = w (dense warm-up)
         self._noise: torch.Generator | None = None
         for i, t0 in enumerate(theta0):
             self.register_buffer(f"theta0_{i}", t0.detach(), persistent=False)
@@ -135,10 +137,40 @@ class DiffState(nn.Module):
         return {"left": c.stretch_left, "right": c.stretch_right}
 
     def logits(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Effective log_alpha per target (and of the group gates): log_alpha + shift."""
+        """Effective log_alpha per target, log_alpha + shift, and of the group gates.
+
+        The controller's shift moves the entry gates only: shifted too, a group gate (which
+        sums the evidence of a whole tensor) is the cheapest way to the target and shuts
+        whole tensors before any entry is selected (bench/README.md). Group gates learn from
+        the task loss alone."""
         b = self.logit_shift
-        group = self.group_log_alpha + b if self.config.structured else None
+        group = self.group_log_alpha if self.config.structured else None
         return [a + b for a in self.log_alpha], group
+
+    @torch.no_grad()
+    def init_gates_from_w_(self, scale: float, sample: int = 1 << 20) -> None:
+        """log_alpha = init_log_alpha + scale * (standardised log|w| - its 1st percentile).
+
+        After a dense warm-up, the gates start ordered by how far each entry moved, 99% of
+        the entries that moved at least as open as init_log_alpha (so the density schedule
+        starts near 1); entries that never moved (w = 0: embedding rows of words absent from
+        the data) start 3 standard deviations below those. The L0 phase then reorders the
+        gates by the task gradient. The statistics of log|w| over the nonzero entries come
+        from an evenly strided sample of about ``sample`` entries over all targets."""
+        flat = [w.detach().reshape(-1) for w in self.w]
+        n = sum(x.numel() for x in flat)
+        stride = max(1, n // sample)
+        pooled = torch.cat([x[::stride] for x in flat]).abs().float()
+        pooled = pooled[pooled > 0].log()
+        if pooled.numel() < 2:
+            raise DiffPruneError("init_gates_from_w_: w is (almost) all zero; train it first")
+        mean, std = pooled.mean(), pooled.std().clamp_min(1e-12)
+        low = torch.quantile((pooled - mean) / std, 0.01)
+        floor = float(low) - 3.0
+        for a, x in zip(self.log_alpha, flat):
+            score = x.abs().log_().sub_(mean).div_(std).clamp_min_(floor)  # log 0 -> floor
+            a.copy_(score.sub_(low).mul_(scale).add_(self.config.init_log_alpha).view(a.shape))
+        self.logit_shift.zero_()
 
     def gates(self, stochastic: bool) -> list[torch.Tensor]:
         """z per target (L0 stage), including the group gate when structured."""
@@ -164,6 +196,8 @@ class DiffState(nn.Module):
         """delta per target, same shape as theta0 (differentiable)."""
         if self.stage == "dense":
             return list(self.w)
+        if self.stage == "l0" and self.hold_open:
+            return list(self.w)
         if self.stage == "l0":
             return [z * w for z, w in zip(self.gates(stochastic), self.w)]
         out = []
@@ -184,7 +218,7 @@ class DiffState(nn.Module):
                 flat = t0.reshape(-1).to(v.dtype).index_add(0, self.indices(i), v)
                 out.append(flat.view(t0.shape).to(t0.dtype))
             return out
-        if self.stage == "l0":
+        if self.stage == "l0" and not self.hold_open:
             return self._l0_thetas(stochastic)
         return [(self.theta0(i) + d).to(self.theta0(i).dtype)
                 for i, d in enumerate(self.deltas(stochastic))]
@@ -210,7 +244,7 @@ class DiffState(nn.Module):
 
     def _version(self) -> tuple:
         """Changes whenever a trainable tensor of the diff or the stage changes."""
-        return (self.stage, *(p._version for p in self.parameters()),
+        return (self.stage, self.hold_open, *(p._version for p in self.parameters()),
                 *(id(p) for p in self.parameters()), self.logit_shift._version
                 if hasattr(self, "logit_shift") else 0)
 

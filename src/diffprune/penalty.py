@@ -91,7 +91,8 @@ def _density_and_slope(state) -> tuple[float, float]:
     """E[density] and its derivative in the shared offset b, estimated from a strided subset
     of the gates of large tensors (exact for small ones)."""
     c = state.config
-    shift = gates.l0_shift(c.stretch_left, c.stretch_right, c.temperature) - state.logit_shift
+    c0 = gates.l0_shift(c.stretch_left, c.stretch_right, c.temperature)
+    shift = c0 - state.logit_shift
     s, ds = [], []
     for a in state.log_alpha:
         flat = a.detach().reshape(-1)
@@ -103,9 +104,9 @@ def _density_and_slope(state) -> tuple[float, float]:
     s, ds = torch.stack(s), torch.stack(ds)
     if not c.structured:
         return float(s.sum()) / state.numel(), float(ds.sum()) / state.numel()
-    pg = torch.sigmoid(state.group_log_alpha.detach() - shift)
+    pg = torch.sigmoid(state.group_log_alpha.detach() - c0)
     dens = (pg * s).sum()
-    slope = (pg * (1 - pg) * s + pg * ds).sum()
+    slope = (pg * ds).sum()  # the shift moves the entry gates only (DiffState.logits)
     return float(dens) / state.numel(), float(slope) / state.numel()
 
 

@@ -115,6 +115,14 @@ class TrainConfig:
     of the phase holds it."""
     controller_schedule: str = "linear"
     """How the target falls: 'linear' in density or 'geometric' (linear in log density)."""
+    dense_warmup: float = 0.0
+    """Fraction of the L0 phase in which every gate is held open and w trains densely (no
+    gate learning, no density schedule), so that w has moved before any gate closes."""
+    gate_init: str = "constant"
+    """log_alpha when the gates start learning: 'constant' (--init-log-alpha everywhere) or
+    'magnitude' (ordered by log|w| after --dense-warmup; DiffState.init_gates_from_w_)."""
+    gate_init_scale: float = 4.0
+    """With --gate-init magnitude: logits per standard deviation of log|w|."""
     gate_grad: str = "expected"
     """'expected' (every gate learns every step; chosen by measurement) or 'sampled' (the
     paper's gradient through the sampled gate)."""
@@ -154,6 +162,12 @@ class TrainConfig:
             raise ConfigError(f"projection must be delta or expected, got {self.projection!r}")
         if self.gate_update not in ("adam", "shared_rms"):
             raise ConfigError(f"gate_update must be adam or shared_rms, got {self.gate_update!r}")
+        if self.gate_init not in ("constant", "magnitude"):
+            raise ConfigError(f"gate_init must be constant or magnitude, got {self.gate_init!r}")
+        if not 0.0 <= self.dense_warmup < 1.0:
+            raise ConfigError(f"dense_warmup must be in [0, 1), got {self.dense_warmup}")
+        if self.gate_init == "magnitude" and not self.dense_warmup > 0.0:
+            raise ConfigError("--gate-init magnitude needs --dense-warmup > 0 (w is 0 before)")
         if self.sparsity not in ("controller", "penalty"):
             raise ConfigError(f"sparsity must be 'controller' or 'penalty', got {self.sparsity!r}")
         if (self.train_file is None) != (self.dev_file is None):
@@ -284,8 +298,25 @@ class Trainer:
     def _make_controller(self, phase: Phase) -> DensityController | None:
         if phase.stage != "l0" or self.cfg.sparsity != "controller":
             return None
-        return DensityController(self.cfg.density, phase.epochs * self.steps_per_epoch(),
-                                 self.cfg.controller_warmup, self.cfg.controller_schedule)
+        gated = phase.epochs * self.steps_per_epoch() - self._warm_steps(phase)
+        return DensityController(self.cfg.density, gated, self.cfg.controller_warmup,
+                                 self.cfg.controller_schedule)
+
+    def _warm_steps(self, phase: Phase) -> int:
+        """Steps of the L0 phase with the gates held open (--dense-warmup)."""
+        if phase.stage != "l0":
+            return 0
+        return int(self.cfg.dense_warmup * phase.epochs * self.steps_per_epoch())
+
+    def _hold_gates(self, phase: Phase, step_in_phase: int) -> None:
+        """Hold the gates open during the dense warm-up; start them when it ends."""
+        warm = self._warm_steps(phase)
+        if not warm:
+            return
+        state = get_state(self.model)
+        state.hold_open = step_in_phase < warm
+        if step_in_phase == warm and self.cfg.gate_init == "magnitude":
+            state.init_gates_from_w_(self.cfg.gate_init_scale)
 
     def _make_optimizer(self, phase: Phase) -> None:
         groups = self._param_groups(phase)
@@ -297,7 +328,8 @@ class Trainer:
         # fused=True: one kernel over all tensors (CPU and CUDA); the step over ~2N diff and
         # gate parameters is a large share of a small-batch step.
         self.optimizer = DiffAdamW(groups, lr=phase.lr, fused=True)
-        self.net = distributed.wrap(self.model, self.dist, self.device)  # DDP when launched so
+        self.net = distributed.wrap(self.model, self.dist, self.device,  # DDP when launched so
+                                    find_unused=self._warm_steps(phase) > 0)
 
     # --- one step -----------------------------------------------------------------------
     def _lr_factor(self, phase: Phase, step_in_phase: int) -> float:
@@ -308,14 +340,16 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * self._lr_factor(phase, step_in_phase)
         info = {}
-        if self.controller is not None:
+        self._hold_gates(phase, step_in_phase)
+        holding = phase.stage == "l0" and get_state(self.model).hold_open
+        if self.controller is not None and not holding:
             info["density"] = self.controller.step(self.model)  # before the forward uses it
         with torch.autocast(self.device.type, self.autocast or torch.float32,
                             enabled=self.autocast is not None):
             loss = self.net(**batch).loss.float()
         total = loss
         info["loss"] = float(loss.detach())
-        if phase.stage == "l0" and self.controller is None:
+        if phase.stage == "l0" and self.controller is None and not holding:
             penalty = l0_penalty(self.model)
             total = total + self.cfg.l0_lambda * penalty
             info["density"] = float(penalty.detach()) / get_state(self.model).numel()
@@ -492,6 +526,9 @@ class Trainer:
         self._make_optimizer(phase)
         ckpt.optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
         self.controller = self._make_controller(phase)
+        if phase.stage == "l0":
+            step = self.pos["epoch"] * self.steps_per_epoch() + self.pos["batch"]
+            get_state(self.model).hold_open = step < self._warm_steps(phase)
         if meta["controller"] is not None:
             self.controller.load_state_dict(meta["controller"])
         if meta["best"] is not None:
