@@ -134,6 +134,9 @@ def main() -> None:
                                                "compare/<profile>)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from finished runs, train nothing")
+    p.add_argument("--methods", nargs="+", metavar="VARIANT",
+                   help="train only these of the profile's variants (the report still covers "
+                        "every finished run)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -146,13 +149,14 @@ def main() -> None:
         for task in tasks:
             for seed in profile.seeds:
                 path = out / "runs" / f"{task}-{variant}-s{seed}.json"
-                if args.report_only and not path.exists():
+                skip = args.report_only or (args.methods and variant not in args.methods)
+                if skip and not path.exists():
                     continue
                 records.append(run_one(out, variant, task, seed, profile, args))
                 print(f"{task} {variant} seed {seed}: {records[-1]['score']:.2f}", flush=True)
     from report import write_report  # bench/report.py
-    command = " ".join(["python", "bench/compare.py"] + [a for a in sys.argv[1:]
-                                                         if a != "--report-only"])
+    command = f"python bench/compare.py --profile {args.profile}" + (
+        f" --model {args.model}" if args.model else "")
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt)
 

@@ -4,7 +4,8 @@ Issue 7's evidence: on real GLUE data with the packaged MiniLM, at one density, 
 fixed-mask phase on (a) the mask diff pruning learned, (b) a uniformly random mask, (c) the
 magnitude baseline's mask; plus full finetuning as the reference, over several seeds.
 Runs one after another in this process, skips runs whose JSON already exists (so it can be
-interrupted and restarted), and writes bench/results/mask_quality/{runs/*.json, results.md}.
+interrupted and restarted), and writes bench/results/mask_quality/nN/{runs/*.json, results.md}
+(N: training examples per task).
 
   GLUE_DIR=../shared/data/glue python bench/mask_quality.py --tasks sst2 mrpc --seeds 1 2 3
 """
@@ -26,17 +27,48 @@ KEEP = ("task", "method", "seed", "score", "dev", "density", "nnz", "artifact_by
         "wall_time_s", "train_steps", "train_examples", "phases", "projection")
 
 
+def out_dir(args) -> Path:
+    """One directory per training-set size: runs of different sizes never mix."""
+    return OUT / f"n{args.max_train_samples}"
+
+
+def run_path(task: str, method: str, seed: int, args) -> Path:
+    return out_dir(args) / "runs" / f"{task}-{method}-d{args.density}-s{seed}.json"
+
+
+def reusable(cfg: TrainConfig, dirs: list[str]) -> dict | None:
+    """A finished run JSON (with its config) under ``dirs`` trained exactly as ``cfg`` would
+    be: same fingerprint (everything but output paths and the resume switch)."""
+    want = cfg.fingerprint()
+    want.pop("data_dir", None)
+    for d in dirs:
+        for f in sorted(Path(d).glob("*.json")):
+            record = json.loads(f.read_text())
+            if "config" not in record:
+                continue
+            have = TrainConfig(**record["config"]).fingerprint()
+            have.pop("data_dir", None)
+            if have == want:
+                return {**record, "reused_from": str(f)}
+    return None
+
+
 def run_one(task: str, method: str, seed: int, args) -> dict:
-    path = OUT / "runs" / f"{task}-{method}-d{args.density}-s{seed}.json"
+    path = run_path(task, method, seed, args)
     if path.exists():
         return json.loads(path.read_text())
     cfg = TrainConfig(task=task, method=method, seed=seed, density=args.density,
                       data_dir=args.data_dir, max_train_samples=args.max_train_samples,
                       epochs=args.epochs, fixmask_epochs=args.fixmask_epochs,
-                      batch_size=args.batch_size, out=str(OUT / "tmp" / path.stem), resume=True)
-    results = train(cfg)
+                      batch_size=args.batch_size, out=str(out_dir(args) / "tmp" / path.stem),
+                      resume=True)
+    results = reusable(cfg, args.reuse)
+    if results is None:
+        results = train(cfg)
     record = {k: results.get(k) for k in KEEP}
     record["config"] = results["config"]
+    if "reused_from" in results:
+        record["reused_from"] = results["reused_from"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
@@ -84,6 +116,9 @@ def main() -> None:
     p.add_argument("--fixmask-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"))
+    p.add_argument("--reuse", nargs="*", default=[], metavar="DIR",
+                   help="directories of run JSONs (e.g. bench/results/compare/quick/runs) "
+                        "whose runs with identical settings are taken instead of retrained")
     p.add_argument("--report-only", action="store_true",
                    help="write results.md from the runs already finished, train nothing")
     args = p.parse_args()
@@ -93,7 +128,7 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: partial results already cover every method
         for task in args.tasks:
             for method in args.methods:
-                path = OUT / "runs" / f"{task}-{method}-d{args.density}-s{seed}.json"
+                path = run_path(task, method, seed, args)
                 if args.report_only and not path.exists():
                     continue
                 records.append(run_one(task, method, seed, args))
@@ -108,7 +143,7 @@ def main() -> None:
             "(mean ± sd over seeds). `full` trains for the first-phase epochs only.", "",
             table(records, args.tasks, args.methods), "", "## The L0 phase of diff pruning",
             "", l0_table(records), ""]
-    (OUT / "results.md").write_text("\n".join(text))
+    (out_dir(args) / "results.md").write_text("\n".join(text))
     print("\n".join(text))
 
 

@@ -96,8 +96,10 @@ class TrainConfig:
     lr_fixmask: float = 2e-4
     """Learning rate of the fixed-mask phase (paper: 5e-5; a sparse diff needs larger steps,
     see bench/README.md)."""
-    lr_gate: float = 0.1
-    """Learning rate of log_alpha (paper: 0.1)."""
+    lr_gate: float | None = None
+    """Learning rate of log_alpha; default max(0.1, 100 / gated L0 steps): a gate with steady
+    evidence can move ~50 logits over the phase however short it is (paper: 0.1, over tens
+    of thousands of steps; 0.1 over 250 steps leaves the gates unseparated, bench/README.md)."""
     lr_adapter: float = 5e-4
     """Learning rate of LoRA / SHiRA adapter weights (LoRA paper, RoBERTa-base GLUE: 4e-4-5e-4)."""
     peft_rank: int | None = None
@@ -113,8 +115,9 @@ class TrainConfig:
     controller_warmup: float = 0.5
     """Fraction of the L0 phase over which the target density falls to --density; the rest
     of the phase holds it."""
-    controller_schedule: str = "linear"
-    """How the target falls: 'linear' in density or 'geometric' (linear in log density)."""
+    controller_schedule: str = "geometric"
+    """How the target falls: 'geometric' (linear in log density: as many steps from 10% to 1%
+    as from 100% to 10%; chosen by measurement) or 'linear' in density."""
     dense_warmup: float = 0.0
     """Fraction of the L0 phase in which every gate is held open and w trains densely (no
     gate learning, no density schedule), so that w has moved before any gate closes."""
@@ -162,6 +165,8 @@ class TrainConfig:
             raise ConfigError(f"projection must be delta or expected, got {self.projection!r}")
         if self.gate_update not in ("adam", "shared_rms"):
             raise ConfigError(f"gate_update must be adam or shared_rms, got {self.gate_update!r}")
+        if self.lr_gate is not None and not self.lr_gate > 0.0:
+            raise ConfigError(f"lr_gate must be > 0, got {self.lr_gate}")
         if self.gate_init not in ("constant", "magnitude"):
             raise ConfigError(f"gate_init must be constant or magnitude, got {self.gate_init!r}")
         if not 0.0 <= self.dense_warmup < 1.0:
@@ -257,8 +262,14 @@ class Trainer:
         get_state(self.model).seed_noise(cfg.seed)  # one gate sample per step on all ranks
 
     def _param_groups(self, phase: Phase) -> list[dict]:
-        return param_groups(self.model, phase.lr, self.cfg.lr_gate, self.cfg.lr_head,
+        return param_groups(self.model, phase.lr, self._lr_gate(phase), self.cfg.lr_head,
                             self.cfg.weight_decay)
+
+    def _lr_gate(self, phase: Phase) -> float:
+        if self.cfg.lr_gate is not None:
+            return self.cfg.lr_gate
+        gated = phase.epochs * self.steps_per_epoch() - self._warm_steps(phase)
+        return max(0.1, 100.0 / max(1, gated))
 
     def _density(self) -> float:
         return expected_density(self.model)
@@ -323,6 +334,8 @@ class Trainer:
         for g in groups:
             g["initial_lr"] = g["lr"]
             g["shared_rms"] = g["name"] in GATE_GROUPS and self.cfg.gate_update == "shared_rms"
+        if phase.stage == "l0":
+            self.results["lr_gate"] = self._lr_gate(phase)
         trainable = sum(p.numel() for g in groups for p in g["params"])
         self.results["trainable_params"] = max(trainable, self.results.get("trainable_params", 0))
         # fused=True: one kernel over all tensors (CPU and CUDA); the step over ~2N diff and
