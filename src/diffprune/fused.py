@@ -1,10 +1,12 @@
 """theta = theta0 + z * w with the hard-concrete gate fused into one autograd Function.
 
 Plain autograd keeps every intermediate of the gate (noise, pre-sigmoid, sigmoid, stretched,
-clamped) for backward. This Function keeps only the elementwise gate z (before the group
-gate) and recomputes the rest in backward from it: inside the unclamped region the sigmoid
-value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) / temperature, and
-it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate (tested against it).
+clamped) for backward. This Function keeps none of them: with a noise generator it saves the
+generator's state and backward draws the same noise again, recomputing the elementwise gate z
+(without one, e.g. the deterministic test-time gate, it keeps z). Inside the unclamped region
+the sigmoid value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) /
+temperature, and it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate
+(tested against it).
 
 ``expected_grad=True`` swaps that sampled derivative for the derivative of the probability
 that the gate is open, d/da P(z != 0) = sigma'(a - c) (a smoothed, always-positive surrogate
