@@ -18,10 +18,12 @@ print(dp.prepare_report(model).summary())
 batch = tok(["a gorgeous, heartfelt film", "tedious and badly acted"], return_tensors="pt",
             padding=True)
 labels = torch.tensor([1, 0])
-opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-3, lr_gate=0.1, lr_dense=1e-3))
-controller = dp.DensityController(target=0.005, total_steps=20)
+steps = 20
+lr_gate = max(0.1, 100 / steps)  # the trainer's default: ~50 logits of travel per phase
+opt = torch.optim.AdamW(dp.param_groups(model, lr_diff=1e-3, lr_gate=lr_gate, lr_dense=1e-3))
+controller = dp.DensityController(target=0.005, total_steps=steps)
 model.train()
-for step in range(20):
+for step in range(steps):
     density = controller.step(model)  # keeps E[density] on its schedule down to 0.5%
     loss = model(**batch, labels=labels).loss
     loss.backward()

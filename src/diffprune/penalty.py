@@ -116,14 +116,15 @@ class DensityController:
 
     Over the first ``warmup_fraction`` of ``total_steps`` the target falls from the density at
     the start to ``target`` (gates close gradually while w learns), then holds. ``schedule``
-    "linear" falls linearly in density (stays dense longer, so w learns before gates close);
-    "geometric" falls linearly in log density.
+    "geometric" (the default) falls linearly in log density, so each factor of ten gets the
+    same number of steps; "linear" falls linearly in density (almost all its steps above
+    10%, the last factor of ten in a few steps).
     """
 
     target: float
     total_steps: int
     warmup_fraction: float = 0.5
-    schedule: str = "linear"
+    schedule: str = "geometric"
     start_density: float | None = None
     step_count: int = 0
 
