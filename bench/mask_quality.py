@@ -131,7 +131,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"))
     p.add_argument("--reuse", nargs="*", default=[], metavar="DIR",
                    help="directories of run JSONs (e.g. bench/results/compare/quick/runs) "
-                        "whose runs with identical settings are taken instead of retrained")
+                        "whose runs with identical settings are taken instead of retrained (the "
+                        "settings are compared, not the code: reuse only runs of the same code)")
     p.add_argument("--report-only", action="store_true",
                    help="write results.md from the runs already finished, train nothing")
     args = p.parse_args()

@@ -29,6 +29,7 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
     import diffprune as dp
     from diffprune.cli import tune_allocator
     from diffprune.hf import load_model
+    from diffprune.train import GATE_GROUPS
     tune_allocator()
     torch.manual_seed(0)
     model, _ = load_model(model_name, {"num_labels": 2})
@@ -58,7 +59,7 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
             controller.step(model)
         model(input_ids=ids, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]
-                                        if g.get("name") not in ("gates", "group_gates")], 1.0)
+                                        if g.get("name") not in GATE_GROUPS], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= 3:

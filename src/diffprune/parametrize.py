@@ -194,9 +194,7 @@ class DiffState(nn.Module):
     # --- the diff -----------------------------------------------------------------------
     def deltas(self, stochastic: bool = False) -> list[torch.Tensor]:
         """delta per target, same shape as theta0 (differentiable)."""
-        if self.stage == "dense":
-            return list(self.w)
-        if self.stage == "l0" and self.hold_open:
+        if self.stage == "dense" or (self.stage == "l0" and self.hold_open):
             return list(self.w)
         if self.stage == "l0":
             return [z * w for z, w in zip(self.gates(stochastic), self.w)]

@@ -268,8 +268,7 @@ class Trainer:
     def _lr_gate(self, phase: Phase) -> float:
         if self.cfg.lr_gate is not None:
             return self.cfg.lr_gate
-        gated = phase.epochs * self.steps_per_epoch() - self._warm_steps(phase)
-        return max(0.1, 100.0 / max(1, gated))
+        return max(0.1, 100.0 / max(1, self._gated_steps(phase)))
 
     def _density(self) -> float:
         return expected_density(self.model)
@@ -309,15 +308,21 @@ class Trainer:
     def _make_controller(self, phase: Phase) -> DensityController | None:
         if phase.stage != "l0" or self.cfg.sparsity != "controller":
             return None
-        gated = phase.epochs * self.steps_per_epoch() - self._warm_steps(phase)
-        return DensityController(self.cfg.density, gated, self.cfg.controller_warmup,
-                                 self.cfg.controller_schedule)
+        return DensityController(self.cfg.density, self._gated_steps(phase),
+                                 self.cfg.controller_warmup, self.cfg.controller_schedule)
+
+    def _phase_steps(self, phase: Phase) -> int:
+        return phase.epochs * self.steps_per_epoch()
 
     def _warm_steps(self, phase: Phase) -> int:
         """Steps of the L0 phase with the gates held open (--dense-warmup)."""
         if phase.stage != "l0":
             return 0
-        return int(self.cfg.dense_warmup * phase.epochs * self.steps_per_epoch())
+        return int(self.cfg.dense_warmup * self._phase_steps(phase))
+
+    def _gated_steps(self, phase: Phase) -> int:
+        """Steps of the L0 phase in which the gates learn (after the dense warm-up)."""
+        return self._phase_steps(phase) - self._warm_steps(phase)
 
     def _hold_gates(self, phase: Phase, step_in_phase: int) -> None:
         """Hold the gates open during the dense warm-up; start them when it ends."""
@@ -346,8 +351,7 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------------
     def _lr_factor(self, phase: Phase, step_in_phase: int) -> float:
-        total = max(1, phase.epochs * self.steps_per_epoch())
-        return max(0.0, 1.0 - step_in_phase / total)  # linear decay to 0
+        return max(0.0, 1.0 - step_in_phase / max(1, self._phase_steps(phase)))  # linear to 0
 
     def _step(self, phase: Phase, batch: dict, step_in_phase: int) -> dict:
         for g in self.optimizer.param_groups:
@@ -539,7 +543,7 @@ class Trainer:
         self._make_optimizer(phase)
         ckpt.optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
         self.controller = self._make_controller(phase)
-        if phase.stage == "l0":
+        if phase.stage == "l0":  # the warm-up's state follows from the position
             step = self.pos["epoch"] * self.steps_per_epoch() + self.pos["batch"]
             get_state(self.model).hold_open = step < self._warm_steps(phase)
         if meta["controller"] is not None:
