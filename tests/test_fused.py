@@ -3,26 +3,32 @@ import pytest
 import torch
 
 from diffprune import gates
+from diffprune import fused
 from diffprune.fused import GatedDelta
 
 
+@pytest.mark.parametrize("chunk", [None, 500])
 @pytest.mark.parametrize("temperature", [1.0, 2 / 3])
 @pytest.mark.parametrize("stochastic", [True, False])
-def test_fused_gate_matches_autograd(temperature, stochastic):
+def test_fused_gate_matches_autograd(temperature, stochastic, chunk, monkeypatch):
+    """Global RNG (no generator given), one chunk or five: same theta and gradients."""
+    if chunk is not None:
+        monkeypatch.setattr(fused, "CHUNK", chunk)
     torch.manual_seed(0)
     theta0 = torch.randn(64, 33)
     w0, a0 = torch.randn(64, 33) * 0.1, torch.randn(64, 33) * 2
     zg0 = torch.tensor(0.7)
     upstream = torch.randn(64, 33)
 
-    def run(fused: bool):
+    def run(use_fused: bool):
         w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
         torch.manual_seed(1)
-        if fused:
+        if use_fused:
             theta = GatedDelta.apply(theta0, w, a, zg, -1.5, 1.5, temperature, stochastic)
         else:
             if stochastic:
-                u = torch.rand_like(a)
+                u = torch.cat([torch.rand(sp.stop - sp.start)
+                               for sp in fused._spans(a.numel(), fused.CHUNK)]).view(a.shape)
                 z = gates.sample_gate(a, u=u, temperature=temperature)
             else:
                 z = gates.deterministic_gate(a)
@@ -30,10 +36,10 @@ def test_fused_gate_matches_autograd(temperature, stochastic):
         (theta * upstream).sum().backward()
         return theta, w.grad, a.grad, zg.grad
 
-    plain, fused = run(False), run(True)
-    for x, y in zip(plain, fused):
+    plain, out = run(False), run(True)
+    for x, y in zip(plain, out):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
-    assert (fused[2] != 0).any() and (fused[2] == 0).any()  # clamped entries get no gradient
+    assert (out[2] != 0).any() and (out[2] == 0).any()  # clamped entries get no gradient
 
 
 def test_expected_gate_gradient_reaches_clamped_gates():
@@ -53,10 +59,14 @@ def test_expected_gate_gradient_reaches_clamped_gates():
     assert torch.allclose(b.grad, w * p * (1 - p))  # g * w * sigma'(a - c), g = 1
 
 
+@pytest.mark.parametrize("chunk", [None, 16, 100])
 @pytest.mark.parametrize("expected_grad", [False, True])
-def test_recomputed_noise_matches_stored_gate(expected_grad):
-    """With a generator, backward draws the forward's noise again instead of keeping z:
-    the gradients equal those of the plain formulation with the same noise."""
+def test_recomputed_noise_matches_stored_gate(expected_grad, chunk, monkeypatch):
+    """With a generator, backward draws the forward's noise again instead of keeping z,
+    chunk by chunk (280 entries: one chunk, or 18 / 3 of them): the gradients equal those of
+    the plain formulation with the same noise."""
+    if chunk is not None:
+        monkeypatch.setattr(fused, "CHUNK", chunk)
     torch.manual_seed(0)
     theta0, w0, a0 = torch.randn(40, 7), torch.randn(40, 7) * 0.1, torch.randn(40, 7) * 2
     zg0, upstream = torch.tensor(0.6), torch.randn(40, 7)
@@ -65,7 +75,9 @@ def test_recomputed_noise_matches_stored_gate(expected_grad):
     theta = GatedDelta.apply(theta0, w, a, zg, -1.5, 1.5, 1.0, True, expected_grad, gen)
     torch.rand(3, generator=gen)  # the generator moves on before backward
     (theta * upstream).sum().backward()
-    u = torch.rand(40, 7, generator=torch.Generator().manual_seed(5))
+    ref_gen = torch.Generator().manual_seed(5)
+    u = torch.cat([torch.rand(sp.stop - sp.start, generator=ref_gen)
+                   for sp in fused._spans(280, fused.CHUNK)]).view(40, 7)
     w2, a2, zg2 = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
     z = gates.sample_gate(a2, u=u)
     ref = theta0 + z * zg2 * w2

@@ -114,3 +114,35 @@ def test_gpt2_tied_embeddings_and_conv1d():
 def test_gpt2_classifier_head_is_dense():
     model = dp.prepare_(tiny_gpt2_cls())
     assert set(dp.prepare_report(model).dense) == {"score.weight"}
+
+
+def test_training_forward_lets_go_of_thetas():
+    """After a training forward the modules point at theta0 (autograd alone keeps the
+    sampled thetas, freed as backward consumes them); gradients are those of the sampled
+    model; an eval forward materialises the test-time thetas again; with gradient
+    checkpointing on, the thetas stay where backward's recomputation finds them."""
+    model = dp.prepare_(tiny_bert(dropout=0.0), dp.DiffPruneConfig(init_log_alpha=0.0))
+    state = dp.get_state(model)
+    for w in state.w:
+        torch.nn.init.normal_(w, std=0.1)
+    emb = model.bert.embeddings.word_embeddings
+    i = next(k for k, t in enumerate(state.targets) if t.name.endswith("word_embeddings.weight"))
+    model.train()
+    b = batch()
+    torch.manual_seed(3)
+    model(**b).logits.sum().backward()
+    assert emb.weight is state.theta0(i)
+    grads = [w.grad.clone() for w in state.w]
+    # the same sampled model under gradient checkpointing: thetas kept, same gradients
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3)
+    model(**b).logits.sum().backward()
+    assert emb.weight is not state.theta0(i)
+    assert all(torch.allclose(g, w.grad, atol=1e-6) for g, w in zip(grads, state.w))
+    assert any(g.abs().sum() > 0 for g in grads)
+    model.gradient_checkpointing_disable()
+    model.eval()
+    with torch.no_grad():
+        model(**b)
+    assert emb.weight is not state.theta0(i)  # the test-time theta, materialised

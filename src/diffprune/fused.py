@@ -1,9 +1,9 @@
 """theta = theta0 + z * w with the hard-concrete gate fused into one autograd Function.
 
 Plain autograd keeps every intermediate of the gate (noise, pre-sigmoid, sigmoid, stretched,
-clamped) for backward. This Function keeps none of them: with a noise generator it saves the
-generator's state and backward draws the same noise again, recomputing the elementwise gate z
-(without one, e.g. the deterministic test-time gate, it keeps z). Inside the unclamped region
+clamped) for backward. This Function keeps none of them: it saves the noise generator's state
+and backward draws the same noise again, recomputing the elementwise gate z (the test-time
+gate needs no noise), in chunks that stay in cache. Inside the unclamped region
 the sigmoid value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) /
 temperature, and it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate
 (tested against it).
@@ -37,11 +37,33 @@ def _gate(log_alpha: torch.Tensor, left: float, right: float, temperature: float
     return z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)
 
 
+# Elements per chunk: every temporary (noise, gate, products) is this size instead of the
+# tensor's, and stays in cache between the elementwise passes.
+CHUNK = 1 << 18
+
+
+def _spans(n: int, chunk: int) -> list[slice]:
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+def _default_generator(device: torch.device) -> torch.Generator | None:
+    """The generator behind torch's global RNG on ``device`` (None where unknown)."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None
+                                             else torch.cuda.current_device()]
+    return None
+
+
 class GatedDelta(torch.autograd.Function):
     """theta0 + (z * zg) * w, z ~ hard-concrete(log_alpha); differentiable in w, log_alpha, zg.
 
-    With a ``generator``, nothing of size N is kept for backward: the generator's state
-    before sampling is saved and backward draws the same noise again (bit-identical z)."""
+    Nothing of size N is kept for backward. The deterministic gate is a function of log_alpha;
+    for the sampled one the noise generator's state before sampling is saved (``generator``,
+    else the device's global one) and backward draws the same noise again (bit-identical z).
+    Both passes work in chunks of ``CHUNK`` elements, drawing the noise chunk by chunk in the
+    same order, so no temporary is larger than a chunk."""
 
     @staticmethod
     def forward(ctx, theta0, w, log_alpha, zg, left: float, right: float, temperature: float,
@@ -49,40 +71,69 @@ class GatedDelta(torch.autograd.Function):
                 generator: torch.Generator | None = None):
         if not stochastic:
             temperature = 1.0  # the test-time gate has no temperature
-        recompute = stochastic and generator is not None
+        elif generator is None:
+            generator = _default_generator(log_alpha.device)
+        keep_z = stochastic and generator is None  # no generator to replay: keep z
         ctx.consts = (left, right, temperature, expected_grad, stochastic,
-                      generator.get_state() if recompute else None,
-                      generator.device if recompute else None)
+                      generator.get_state() if stochastic and not keep_z else None,
+                      generator.device if stochastic and not keep_z else None)
         with torch.no_grad():
-            z = _gate(log_alpha, left, right, temperature, stochastic, generator)
-            scale = z.mul_(zg) if recompute else z * zg
-            theta = torch.addcmul(theta0.to(w.dtype), scale, w).to(theta0.dtype)
-        ctx.save_for_backward(None if recompute else z, w, zg, log_alpha)
+            if keep_z:
+                z = _gate(log_alpha, left, right, temperature, True, None)
+                theta = torch.addcmul(theta0.to(w.dtype), z * zg, w).to(theta0.dtype)
+            else:
+                z = None
+                theta = torch.empty_like(theta0)
+                out, t0, wf, af = (t.reshape(-1) for t in (theta, theta0, w, log_alpha))
+                for s in _spans(out.numel(), CHUNK):
+                    zs = _gate(af[s], left, right, temperature, stochastic, generator).mul_(zg)
+                    if out.dtype == wf.dtype:
+                        torch.addcmul(t0[s], zs, wf[s], out=out[s])
+                    else:  # half-precision base: the sum in w's dtype, then rounded once
+                        out[s] = torch.addcmul(t0[s].to(wf.dtype), zs, wf[s])
+        ctx.chunk = CHUNK if z is None else max(w.numel(), 1)
+        ctx.save_for_backward(z, w, zg, log_alpha)
         return theta
 
     @staticmethod
     def backward(ctx, grad):
         z, w, zg, log_alpha = ctx.saved_tensors
         left, right, temperature, expected_grad, stochastic, rng_state, device = ctx.consts
-        if z is None:  # draw the forward's noise again
+        need_w, need_a, need_zg = ctx.needs_input_grad[1:4]
+        gen = None
+        if rng_state is not None:  # draw the forward's noise again, chunk by chunk
             gen = torch.Generator(device)
             gen.set_state(rng_state)
-            z = _gate(log_alpha, left, right, temperature, stochastic, gen)
-        grad = grad.to(w.dtype)
-        grad_w = grad_a = grad_zg = None
-        if ctx.needs_input_grad[1]:
-            grad_w = grad * z
-            grad_w.mul_(zg)
-        gw = grad * w  # dL/d(z * zg)
-        if ctx.needs_input_grad[2] and expected_grad:
-            # sigma'(x) = p - p^2 with p = sigmoid(a - c), computed in place
-            grad_a = torch.sigmoid(log_alpha - temperature * math.log(-left / right))
-            grad_a.addcmul_(grad_a, grad_a, value=-1.0).mul_(gw).mul_(zg)
-        elif ctx.needs_input_grad[2]:
-            # s = (z - l) / (r - l) inside the unclamped band, s (1 - s) (r - l) / T there
-            grad_a = (z - left).div_(right - left)
-            grad_a.addcmul_(grad_a, grad_a, value=-1.0).mul_((right - left) / temperature)
-            grad_a.mul_((z > 0) & (z < 1)).mul_(gw).mul_(zg)
-        if ctx.needs_input_grad[3]:
-            grad_zg = torch.dot(gw.reshape(-1), z.reshape(-1)).reshape(zg.shape)
+        grad_w = torch.empty_like(w) if need_w else None
+        grad_a = torch.empty_like(log_alpha) if need_a else None
+        grad_zg = torch.zeros((), dtype=w.dtype, device=w.device) if need_zg else None
+        gf, wf, af = (t.reshape(-1) for t in (grad, w, log_alpha))
+        for s in _spans(wf.numel(), ctx.chunk):
+            zc = (z.reshape(-1)[s] if z is not None else
+                  _gate(af[s], left, right, temperature, stochastic, gen))
+            gw = _grads(gf[s].to(w.dtype), zc, wf[s], af[s], zg, left, right, temperature,
+                        expected_grad, None if grad_w is None else grad_w.view(-1)[s],
+                        None if grad_a is None else grad_a.view(-1)[s])
+            if need_zg:
+                grad_zg += torch.dot(gw, zc)
+        if need_zg:
+            grad_zg = grad_zg.reshape(zg.shape)
         return None, grad_w, grad_a, grad_zg, None, None, None, None, None, None
+
+
+def _grads(g, z, w, log_alpha, zg, left, right, temperature, expected_grad, out_w, out_a):
+    """Gradients of one flat span: dL/dw into ``out_w`` and dL/dlog_alpha into ``out_a``
+    (each skipped when None); returns g * w = dL/d(z * zg), from which zg's gradient follows."""
+    if out_w is not None:
+        torch.mul(g, z, out=out_w).mul_(zg)
+    gw = g * w
+    if out_a is not None and expected_grad:
+        # sigma'(x) = p - p^2 with p = sigmoid(a - c)
+        p = torch.sigmoid(log_alpha - temperature * math.log(-left / right))
+        torch.addcmul(p, p, p, value=-1.0, out=out_a).mul_(gw).mul_(zg)
+    elif out_a is not None:
+        # s = (z - l) / (r - l) inside the unclamped band, s (1 - s) (r - l) / T there
+        s = (z - left).div_(right - left)
+        torch.addcmul(s, s, s, value=-1.0, out=out_a).mul_((right - left) / temperature)
+        out_a.mul_((z > 0) & (z < 1)).mul_(gw).mul_(zg)
+    return gw

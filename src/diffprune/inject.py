@@ -78,6 +78,16 @@ def _materialize_hook(module: nn.Module, args) -> None:
     getattr(module, STATE_ATTR).materialize(stochastic=module.training)
 
 
+def _release_hook(module: nn.Module, args, output) -> None:
+    # A training forward's thetas are needed by backward only (autograd keeps them): not
+    # holding them here frees each one as its backward runs, up to a model's worth of memory
+    # at the end of backward. Gradient checkpointing reruns module forwards in backward and
+    # needs them where the forward left them.
+    if (module.training and torch.is_grad_enabled()
+            and not getattr(module, "is_gradient_checkpointing", False)):
+        getattr(module, STATE_ATTR).release()
+
+
 def prepare_(model: nn.Module, config: DiffPruneConfig | None = None,
              stage: str = "l0") -> nn.Module:
     """Re-parametrize ``model`` in place as theta0 + delta; returns the model.
@@ -115,7 +125,8 @@ def prepare_(model: nn.Module, config: DiffPruneConfig | None = None,
     state = DiffState(config, targets, theta0, list(report.dense), stage)
     state.report = report
     model.add_module(STATE_ATTR, state)
-    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_materialize_hook))
+    setattr(model, _HOOK_ATTR, (model.register_forward_pre_hook(_materialize_hook),
+                                model.register_forward_hook(_release_hook)))
     state.materialize(stochastic=False)  # submodules are usable before the first forward
     log.info("diffprune: %s", report.summary())
     return model
@@ -134,7 +145,8 @@ def unprepare_(model: nn.Module, merge: bool = True) -> nn.Module:
         for module, attr in target.owners:
             module.__dict__.pop(attr, None)
             module._parameters[attr] = param  # one Parameter for all owners keeps ties
-    getattr(model, _HOOK_ATTR).remove()
+    for handle in getattr(model, _HOOK_ATTR):
+        handle.remove()
     delattr(model, _HOOK_ATTR)
     delattr(model, STATE_ATTR)
     return model

@@ -268,6 +268,15 @@ class DiffState(nn.Module):
                 # A plain attribute (the Parameter was removed from module._parameters).
                 module.__dict__[attr] = theta
 
+    def release(self) -> None:
+        """After a training forward: point every owning module back at theta0, so that each
+        theta lives only as long as autograd needs it (freed as soon as its consumer's backward
+        has run; an embedding's right after the forward). The modules stay usable; their
+        weights are the base's until the next forward."""
+        for i, target in enumerate(self.targets):
+            for module, attr in target.owners:
+                module.__dict__[attr] = self.theta0(i)
+
     def numel(self) -> int:
         """Number of gated (diff-carrying) base parameters N."""
         return sum(t.numel for t in self.targets)
