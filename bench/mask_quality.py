@@ -39,7 +39,7 @@ def run_path(task: str, method: str, seed: int, args) -> Path:
 # Settings that only the L0 phase reads: they cannot change a run of another method.
 L0_ONLY = ("lr", "lr_gate", "sparsity", "l0_lambda", "controller_warmup", "controller_schedule",
            "gate_grad", "projection", "gate_update", "init_log_alpha", "dense_warmup",
-           "gate_init", "gate_init_scale")
+           "gate_init", "gate_init_scale", "gate_step_in_backward")
 
 
 def _settings(cfg: TrainConfig) -> dict:

@@ -17,21 +17,22 @@ def test_fused_gate_matches_autograd(temperature, stochastic, chunk, monkeypatch
     torch.manual_seed(0)
     theta0 = torch.randn(64, 33)
     w0, a0 = torch.randn(64, 33) * 0.1, torch.randn(64, 33) * 2
-    zg0 = torch.tensor(0.7)
+    zg0, shift = torch.tensor(0.7), torch.tensor(-0.4)  # shift: the controller's offset
     upstream = torch.randn(64, 33)
 
     def run(use_fused: bool):
         w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
         torch.manual_seed(1)
         if use_fused:
-            theta = GatedDelta.apply(theta0, w, a, zg, -1.5, 1.5, temperature, stochastic)
+            theta = GatedDelta.apply(theta0, w, a, shift, zg, -1.5, 1.5, temperature,
+                                     stochastic)
         else:
             if stochastic:
                 u = torch.cat([torch.rand(sp.stop - sp.start)
                                for sp in fused._spans(a.numel(), fused.CHUNK)]).view(a.shape)
-                z = gates.sample_gate(a, u=u, temperature=temperature)
+                z = gates.sample_gate(a + shift, u=u, temperature=temperature)
             else:
-                z = gates.deterministic_gate(a)
+                z = gates.deterministic_gate(a + shift)
             theta = theta0 + z * zg * w
         (theta * upstream).sum().backward()
         return theta, w.grad, a.grad, zg.grad
@@ -47,12 +48,12 @@ def test_expected_gate_gradient_reaches_clamped_gates():
     theta0, w = torch.randn(500), torch.randn(500)
     a = torch.full((500,), -6.0, requires_grad=True)  # almost surely closed
     torch.manual_seed(1)
-    sampled = GatedDelta.apply(theta0, w, a, torch.tensor(1.0), -1.5, 1.5, 1.0, True, False)
+    sampled = GatedDelta.apply(theta0, w, a, torch.tensor(0.0), torch.tensor(1.0), -1.5, 1.5, 1.0, True, False)
     sampled.sum().backward()
     assert (a.grad == 0).float().mean() > 0.95  # the paper's gradient: almost all zero
     b = a.detach().clone().requires_grad_(True)
     torch.manual_seed(1)
-    expected = GatedDelta.apply(theta0, w, b, torch.tensor(1.0), -1.5, 1.5, 1.0, True, True)
+    expected = GatedDelta.apply(theta0, w, b, torch.tensor(0.0), torch.tensor(1.0), -1.5, 1.5, 1.0, True, True)
     expected.sum().backward()
     assert torch.equal(sampled, expected)  # same forward
     p = torch.sigmoid(torch.tensor(-6.0))
@@ -72,17 +73,18 @@ def test_recomputed_noise_matches_stored_gate(expected_grad, chunk, monkeypatch)
     zg0, upstream = torch.tensor(0.6), torch.randn(40, 7)
     w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
     gen = torch.Generator().manual_seed(5)
-    theta = GatedDelta.apply(theta0, w, a, zg, -1.5, 1.5, 1.0, True, expected_grad, gen)
+    shift = torch.tensor(0.25)
+    theta = GatedDelta.apply(theta0, w, a, shift, zg, -1.5, 1.5, 1.0, True, expected_grad, gen)
     torch.rand(3, generator=gen)  # the generator moves on before backward
     (theta * upstream).sum().backward()
     ref_gen = torch.Generator().manual_seed(5)
     u = torch.cat([torch.rand(sp.stop - sp.start, generator=ref_gen)
                    for sp in fused._spans(280, fused.CHUNK)]).view(40, 7)
     w2, a2, zg2 = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
-    z = gates.sample_gate(a2, u=u)
+    z = gates.sample_gate(a2 + shift, u=u)
     ref = theta0 + z * zg2 * w2
     if expected_grad:  # the surrogate: d/da P(z != 0) in place of dz/da
-        p = torch.sigmoid(a2)
+        p = torch.sigmoid(a2 + shift)
         z = z.detach() + (p - p.detach())
         ref = theta0 + z * zg2 * w2
     (ref * upstream).sum().backward()

@@ -55,3 +55,39 @@ def test_shared_rms_state_round_trips():
         q.grad = torch.ones(6)
         o.step()
     assert torch.equal(p, clone)
+
+
+def test_gate_step_inside_backward_matches_adamw(monkeypatch):
+    """optim.GateStep: the gates step inside the fused gate's backward (in 3 spans per
+    tensor here) and keep no gradient; after 4 steps every w, log_alpha and head entry equals
+    plain AdamW's (fused and unfused kernels) within 1e-6."""
+    import diffprune as dp
+    from diffprune import fused
+    from diffprune.optim import GateStep
+    from conftest import batch, tiny_bert
+    monkeypatch.setattr(fused, "CHUNK", 600)  # the 99 x 16 embedding: 3 spans
+
+    def run(in_backward: bool, fused_kernel: bool):
+        model = dp.prepare_(tiny_bert(dropout=0.0), dp.DiffPruneConfig(init_log_alpha=1.0))
+        state = dp.get_state(model)
+        state.seed_noise(7)
+        for i, w in enumerate(state.w):
+            w.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+        opt = torch.optim.AdamW(dp.param_groups(model, 1e-2, 0.3, 1e-2), fused=fused_kernel)
+        state.gate_step = GateStep(opt) if in_backward else None
+        model.train()
+        for step in range(4):
+            for g in opt.param_groups:
+                g["lr"] *= 0.9  # a schedule: GateStep reads the group's current lr
+            model(**batch(seed=step)).logits.pow(2).sum().backward()
+            if in_backward:
+                assert all(a.grad is None for a in state.log_alpha)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert max(float((a - 1.0).abs().max()) for a in state.log_alpha) > 0.1  # moved
+        return [p.detach().clone() for p in model.parameters()]
+
+    ref = run(False, False)
+    for got in (run(True, False), run(True, True), run(False, True)):
+        for x, y in zip(ref, got):
+            assert torch.allclose(x, y, atol=1e-6), (x - y).abs().max()

@@ -24,14 +24,15 @@ import torch
 from .gates import _U_EPS
 
 
-def _gate(log_alpha: torch.Tensor, left: float, right: float, temperature: float,
-          stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """z (clamped stretched sigmoid) in one buffer; the noise comes from ``generator``."""
+def _gate(log_alpha: torch.Tensor, shift: torch.Tensor, left: float, right: float,
+          temperature: float, stochastic: bool, generator: torch.Generator | None
+          ) -> torch.Tensor:
+    """z (clamped stretched sigmoid) of log_alpha + shift in one buffer; the noise comes from
+    ``generator``."""
+    z = log_alpha + shift
     if stochastic:
-        z = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device,
-                       dtype=log_alpha.dtype).logit_(_U_EPS).add_(log_alpha)
-    else:
-        z = log_alpha.clone()
+        z.add_(torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device,
+                          dtype=log_alpha.dtype).logit_(_U_EPS))
     if temperature != 1.0:
         z.div_(temperature)
     return z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)
@@ -57,18 +58,24 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
 
 
 class GatedDelta(torch.autograd.Function):
-    """theta0 + (z * zg) * w, z ~ hard-concrete(log_alpha); differentiable in w, log_alpha, zg.
+    """theta0 + (z * zg) * w, z ~ hard-concrete(log_alpha + shift); differentiable in w,
+    log_alpha and zg (``shift``, the density controller's offset, is a constant here).
 
     Nothing of size N is kept for backward. The deterministic gate is a function of log_alpha;
     for the sampled one the noise generator's state before sampling is saved (``generator``,
     else the device's global one) and backward draws the same noise again (bit-identical z).
     Both passes work in chunks of ``CHUNK`` elements, drawing the noise chunk by chunk in the
-    same order, so no temporary is larger than a chunk."""
+    same order, so no temporary is larger than a chunk.
+
+    ``gate_step`` (optim.GateStep): log_alpha takes its optimizer step inside backward, span
+    by span, as soon as its gradient is known, instead of keeping an N-sized gradient for
+    the optimizer; log_alpha.grad stays None. Exact for gates that are not clipped together
+    with other parameters and whose gradient needs no reduction across processes."""
 
     @staticmethod
-    def forward(ctx, theta0, w, log_alpha, zg, left: float, right: float, temperature: float,
-                stochastic: bool, expected_grad: bool = False,
-                generator: torch.Generator | None = None):
+    def forward(ctx, theta0, w, log_alpha, shift, zg, left: float, right: float,
+                temperature: float, stochastic: bool, expected_grad: bool = False,
+                generator: torch.Generator | None = None, gate_step=None):
         if not stochastic:
             temperature = 1.0  # the test-time gate has no temperature
         elif generator is None:
@@ -79,57 +86,68 @@ class GatedDelta(torch.autograd.Function):
                       generator.device if stochastic and not keep_z else None)
         with torch.no_grad():
             if keep_z:
-                z = _gate(log_alpha, left, right, temperature, True, None)
+                z = _gate(log_alpha, shift, left, right, temperature, True, None)
                 theta = torch.addcmul(theta0.to(w.dtype), z * zg, w).to(theta0.dtype)
             else:
                 z = None
                 theta = torch.empty_like(theta0)
                 out, t0, wf, af = (t.reshape(-1) for t in (theta, theta0, w, log_alpha))
                 for s in _spans(out.numel(), CHUNK):
-                    zs = _gate(af[s], left, right, temperature, stochastic, generator).mul_(zg)
+                    zs = _gate(af[s], shift, left, right, temperature, stochastic,
+                               generator).mul_(zg)
                     if out.dtype == wf.dtype:
                         torch.addcmul(t0[s], zs, wf[s], out=out[s])
                     else:  # half-precision base: the sum in w's dtype, then rounded once
                         out[s] = torch.addcmul(t0[s].to(wf.dtype), zs, wf[s])
         ctx.chunk = CHUNK if z is None else max(w.numel(), 1)
-        ctx.save_for_backward(z, w, zg, log_alpha)
+        ctx.gate_step, ctx.log_alpha = gate_step, log_alpha  # the Parameter itself
+        ctx.save_for_backward(z, w, zg, log_alpha, shift)
         return theta
 
     @staticmethod
     def backward(ctx, grad):
-        z, w, zg, log_alpha = ctx.saved_tensors
+        z, w, zg, log_alpha, shift = ctx.saved_tensors
         left, right, temperature, expected_grad, stochastic, rng_state, device = ctx.consts
-        need_w, need_a, need_zg = ctx.needs_input_grad[1:4]
+        need_w, need_a, need_zg = (ctx.needs_input_grad[i] for i in (1, 2, 4))
         gen = None
         if rng_state is not None:  # draw the forward's noise again, chunk by chunk
             gen = torch.Generator(device)
             gen.set_state(rng_state)
         grad_w = torch.empty_like(w) if need_w else None
-        grad_a = torch.empty_like(log_alpha) if need_a else None
+        stepper = ctx.gate_step if need_a else None
+        if stepper is not None:  # log_alpha steps here, span by span; no gradient is kept
+            grad_a, update = None, stepper.begin(ctx.log_alpha)
+            span_a = torch.empty(min(ctx.chunk, log_alpha.numel()), dtype=log_alpha.dtype,
+                                 device=log_alpha.device)
+        else:
+            grad_a = torch.empty_like(log_alpha) if need_a else None
         grad_zg = torch.zeros((), dtype=w.dtype, device=w.device) if need_zg else None
         gf, wf, af = (t.reshape(-1) for t in (grad, w, log_alpha))
         for s in _spans(wf.numel(), ctx.chunk):
             zc = (z.reshape(-1)[s] if z is not None else
-                  _gate(af[s], left, right, temperature, stochastic, gen))
-            gw = _grads(gf[s].to(w.dtype), zc, wf[s], af[s], zg, left, right, temperature,
-                        expected_grad, None if grad_w is None else grad_w.view(-1)[s],
-                        None if grad_a is None else grad_a.view(-1)[s])
+                  _gate(af[s], shift, left, right, temperature, stochastic, gen))
+            out_a = (span_a[:s.stop - s.start] if stepper is not None else
+                     None if grad_a is None else grad_a.view(-1)[s])
+            gw = _grads(gf[s].to(w.dtype), zc, wf[s], af[s], shift, zg, left, right, temperature,
+                        expected_grad, None if grad_w is None else grad_w.view(-1)[s], out_a)
+            if stepper is not None:
+                update(s, out_a)  # after z and p of this span were computed from the old a
             if need_zg:
                 grad_zg += torch.dot(gw, zc)
         if need_zg:
             grad_zg = grad_zg.reshape(zg.shape)
-        return None, grad_w, grad_a, grad_zg, None, None, None, None, None, None
+        return None, grad_w, grad_a, None, grad_zg, None, None, None, None, None, None, None
 
 
-def _grads(g, z, w, log_alpha, zg, left, right, temperature, expected_grad, out_w, out_a):
+def _grads(g, z, w, log_alpha, shift, zg, left, right, temperature, expected_grad, out_w, out_a):
     """Gradients of one flat span: dL/dw into ``out_w`` and dL/dlog_alpha into ``out_a``
     (each skipped when None); returns g * w = dL/d(z * zg), from which zg's gradient follows."""
     if out_w is not None:
         torch.mul(g, z, out=out_w).mul_(zg)
     gw = g * w
     if out_a is not None and expected_grad:
-        # sigma'(x) = p - p^2 with p = sigmoid(a - c)
-        p = torch.sigmoid(log_alpha - temperature * math.log(-left / right))
+        # sigma'(x) = p - p^2 with p = sigmoid(a + shift - c)
+        p = (log_alpha + shift).sub_(temperature * math.log(-left / right)).sigmoid_()
         torch.addcmul(p, p, p, value=-1.0, out=out_a).mul_(gw).mul_(zg)
     elif out_a is not None:
         # s = (z - l) / (r - l) inside the unclamped band, s (1 - s) (r - l) / T there

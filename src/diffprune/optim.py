@@ -55,3 +55,55 @@ class DiffAdamW(torch.optim.AdamW):
                 state["m"] = torch.zeros_like(p)
             state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)  # (same shape as p)
             p.add_(state["m"], alpha=-step_size)
+
+
+class GateStep:
+    """AdamW's update for the gate logits of one param group, applied by the fused gate's
+    backward (fused.GatedDelta, ``gate_step``) span by span while the gradient is computed:
+    no N-sized gradient is stored and the optimizer skips those parameters (their grad stays
+    None). The state lives in the optimizer under torch's AdamW keys (step, exp_avg,
+    exp_avg_sq), so checkpoints, resuming and falling back to the plain step keep working.
+
+    Same update as torch.optim.AdamW (amsgrad and maximize off). Exact only where the gate
+    gradient is final when backward reaches the gate: no clipping across parameters, no
+    reduction across processes, no other loss term on log_alpha, no gradient accumulation.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group_name: str = "gates"):
+        self.optimizer, self.group_name = optimizer, group_name
+        group = self._group()
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("GateStep implements AdamW without amsgrad or maximize")
+
+    def _group(self) -> dict:
+        # looked up every step: load_state_dict replaces the group dicts (and the state)
+        groups = [g for g in self.optimizer.param_groups if g.get("name") == self.group_name]
+        if len(groups) != 1:
+            raise ValueError(f"expected one param group named {self.group_name!r}")
+        return groups[0]
+
+    @torch.no_grad()
+    def begin(self, param: torch.Tensor):
+        """One optimizer step of ``param`` begins: returns update(span, grad_of_span)."""
+        state = self.optimizer.state[param]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        g = self._group()
+        lr, (beta1, beta2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+        t = float(state["step"])
+        step_size = lr / (1 - beta1 ** t)
+        root_bc2 = (1 - beta2 ** t) ** 0.5
+        p, m, v = (x.view(-1) for x in (param, state["exp_avg"], state["exp_avg_sq"]))
+
+        @torch.no_grad()
+        def update(span: slice, grad: torch.Tensor) -> None:
+            ps, ms, vs = p[span], m[span], v[span]
+            if wd:
+                ps.mul_(1 - lr * wd)
+            ms.lerp_(grad, 1 - beta1)
+            vs.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            ps.addcdiv_(ms, vs.sqrt().div_(root_bc2).add_(eps), value=-step_size)
+        return update

@@ -62,6 +62,7 @@ class DiffState(nn.Module):
         self.stage = ""
         self.noise_seed: int | None = None  # None: gate noise from torch's global RNG
         self.hold_open = False  # L0 stage with every gate held open: delta = w (dense warm-up)
+        self.gate_step = None  # optim.GateStep: log_alpha steps inside backward (fused.py)
         self._noise: torch.Generator | None = None
         for i, t0 in enumerate(theta0):
             self.register_buffer(f"theta0_{i}", t0.detach(), persistent=False)
@@ -225,7 +226,7 @@ class DiffState(nn.Module):
         """The L0 stage through the fused gate (fused.py): same values as deltas(), less
         memory and fewer passes."""
         c = self.config
-        elem, group = self.logits()
+        group = self.group_log_alpha if c.structured else None  # unshifted, as in logits()
         gen = self.noise_generator() if stochastic else None
         if group is None:
             zg = torch.ones(len(self.targets), device=self.theta0(0).device)
@@ -235,10 +236,11 @@ class DiffState(nn.Module):
         else:
             zg = gates.deterministic_gate(group, **self.gate_args())
         expected = c.gate_grad == "expected"
-        return [GatedDelta.apply(self.theta0(i), w, a, zg[i], c.stretch_left, c.stretch_right,
-                                 c.temperature if stochastic else 1.0, stochastic, expected,
-                                 gen)
-                for i, (w, a) in enumerate(zip(self.w, elem))]
+        # the shift goes in as a scalar: a + shift (N entries) is never materialised
+        return [GatedDelta.apply(self.theta0(i), w, a, self.logit_shift, zg[i], c.stretch_left,
+                                 c.stretch_right, c.temperature if stochastic else 1.0,
+                                 stochastic, expected, gen, self.gate_step)
+                for i, (w, a) in enumerate(zip(self.w, self.log_alpha))]
 
     def _version(self) -> tuple:
         """Changes whenever a trainable tensor of the diff or the stage changes."""

@@ -33,7 +33,7 @@ from .fileio import atomic_write_bytes
 from .hf import DEFAULT_MODEL, head_config, load_model
 from .inject import get_state, is_prepared, prepare_
 from .penalty import DensityController, expected_density, l0_penalty, param_groups
-from .optim import DiffAdamW
+from .optim import DiffAdamW, GateStep
 from .project import project_, random_mask_
 from .sparse_diff import SparseDiff
 
@@ -135,6 +135,10 @@ class TrainConfig:
     gate_update: str = "adam"
     """How log_alpha steps: 'adam' (per-gate normalisation, the paper's) or 'shared_rms'
     (one normaliser per group, so a gate's step keeps the size of its evidence; optim.py)."""
+    gate_step_in_backward: bool = True
+    """Step the gates inside the fused gate's backward (optim.GateStep: same AdamW update,
+    no gradient of N entries kept); used in one process with the controller and the adam
+    gate update, else the plain optimizer step."""
     init_log_alpha: float = 5.0
     """Initial log_alpha of the gates (paper: 5)."""
     weight_decay: float = 0.0
@@ -346,6 +350,14 @@ class Trainer:
         # fused=True: one kernel over all tensors (CPU and CUDA); the step over ~2N diff and
         # gate parameters is a large share of a small-batch step.
         self.optimizer = DiffAdamW(groups, lr=phase.lr, fused=True)
+        if phase.stage == "l0":
+            # The gates' AdamW step inside the fused gate's backward (no N-sized gate
+            # gradient): exact when nothing else touches that gradient (one process, no
+            # penalty term, Adam's own normalisation; gates are never clipped).
+            get_state(self.model).gate_step = (
+                GateStep(self.optimizer) if self.dist.world == 1 and self.cfg.gate_step_in_backward
+                and self.cfg.sparsity == "controller" and self.cfg.gate_update == "adam"
+                else None)
         self.net = distributed.wrap(self.model, self.dist, self.device,  # DDP when launched so
                                     find_unused=self._warm_steps(phase) > 0)
 
