@@ -50,6 +50,7 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
     import diffprune as dp
     from diffprune.cli import tune_allocator
     from diffprune.hf import load_model
+    from diffprune.optim import GateStep
     from diffprune.train import GATE_GROUPS
     tune_allocator()
     torch.manual_seed(0)
@@ -70,6 +71,8 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
         else:
             controller = dp.DensityController(0.005, total_steps=steps + 3)
         opt = torch.optim.AdamW(dp.param_groups(model, 2e-4, 0.1, 1e-4), fused=True)
+        if controller is not None:  # as the trainer does in one process: gates step in backward
+            dp.get_state(model).gate_step = GateStep(opt)
     vocab = model.config.vocab_size
     ids = torch.randint(1000, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 2, (batch,))

@@ -91,3 +91,35 @@ def test_recomputed_noise_matches_stored_gate(expected_grad, chunk, monkeypatch)
     assert torch.allclose(theta, ref, atol=1e-6)
     for x, y in ((w.grad, w2.grad), (a.grad, a2.grad), (zg.grad, zg2.grad)):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_cpu_noise_is_replayed_in_backward(chunk, monkeypatch):
+    """gates.CpuNoise (numpy PCG64), the CPU default: backward replays the forward's noise
+    from the saved state, span by span; gradients equal the plain formulation's with that
+    noise, and the saved state restores the stream exactly."""
+    if chunk is not None:
+        monkeypatch.setattr(fused, "CHUNK", chunk)
+    torch.manual_seed(0)
+    theta0, w0, a0 = torch.randn(30, 11), torch.randn(30, 11) * 0.1, torch.randn(30, 11) * 2
+    upstream = torch.randn(30, 11)
+    noise = gates.CpuNoise(11)
+    saved = noise.get_state()
+    w, a, zg = w0.clone().requires_grad_(), a0.clone().requires_grad_(), torch.tensor(0.8,
+                                                                                    requires_grad=True)
+    theta = GatedDelta.apply(theta0, w, a, torch.tensor(0.0), zg, -1.5, 1.5, 1.0, True, False,
+                             noise)
+    noise.uniform((5,), torch.float32)  # the stream moves on before backward
+    (theta * upstream).sum().backward()
+    again = gates.CpuNoise(0).set_state(saved)
+    u = torch.cat([again.uniform((sp.stop - sp.start,), torch.float32)
+                   for sp in fused._spans(330, fused.CHUNK)]).view(30, 11)
+    w2, a2, zg2 = w0.clone().requires_grad_(), a0.clone().requires_grad_(), torch.tensor(
+        0.8, requires_grad=True)
+    ref = theta0 + gates.sample_gate(a2, u=u) * zg2 * w2
+    (ref * upstream).sum().backward()
+    assert torch.allclose(theta, ref, atol=1e-6)
+    for x, y in ((w.grad, w2.grad), (a.grad, a2.grad), (zg.grad, zg2.grad)):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
+    with pytest.raises(ValueError, match="CpuNoise"):
+        gates.CpuNoise().set_state(torch.Generator().get_state())  # a torch generator's state

@@ -21,18 +21,18 @@ import math
 
 import torch
 
-from .gates import _U_EPS
+from .gates import _U_EPS, uniform, replay
 
 
 def _gate(log_alpha: torch.Tensor, shift: torch.Tensor, left: float, right: float,
-          temperature: float, stochastic: bool, generator: torch.Generator | None
+          temperature: float, stochastic: bool, generator
           ) -> torch.Tensor:
     """z (clamped stretched sigmoid) of log_alpha + shift in one buffer; the noise comes from
     ``generator``."""
     z = log_alpha + shift
     if stochastic:
-        z.add_(torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device,
-                          dtype=log_alpha.dtype).logit_(_U_EPS))
+        z.add_(uniform(log_alpha.shape, generator, log_alpha.device,
+                       log_alpha.dtype).logit_(_U_EPS))
     if temperature != 1.0:
         z.div_(temperature)
     return z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)
@@ -75,7 +75,7 @@ class GatedDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta0, w, log_alpha, shift, zg, left: float, right: float,
                 temperature: float, stochastic: bool, expected_grad: bool = False,
-                generator: torch.Generator | None = None, gate_step=None):
+                generator=None, gate_step=None):
         if not stochastic:
             temperature = 1.0  # the test-time gate has no temperature
         elif generator is None:
@@ -83,7 +83,8 @@ class GatedDelta(torch.autograd.Function):
         keep_z = stochastic and generator is None  # no generator to replay: keep z
         ctx.consts = (left, right, temperature, expected_grad, stochastic,
                       generator.get_state() if stochastic and not keep_z else None,
-                      generator.device if stochastic and not keep_z else None)
+                      (type(generator), generator.device) if stochastic and not keep_z
+                      else None)
         with torch.no_grad():
             if keep_z:
                 z = _gate(log_alpha, shift, left, right, temperature, True, None)
@@ -107,12 +108,11 @@ class GatedDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, w, zg, log_alpha, shift = ctx.saved_tensors
-        left, right, temperature, expected_grad, stochastic, rng_state, device = ctx.consts
+        left, right, temperature, expected_grad, stochastic, rng_state, kind = ctx.consts
         need_w, need_a, need_zg = (ctx.needs_input_grad[i] for i in (1, 2, 4))
         gen = None
         if rng_state is not None:  # draw the forward's noise again, chunk by chunk
-            gen = torch.Generator(device)
-            gen.set_state(rng_state)
+            gen = replay(kind[0], rng_state, kind[1])
         grad_w = torch.empty_like(w) if need_w else None
         stepper = ctx.gate_step if need_a else None
         if stepper is not None:  # log_alpha steps here, span by span; no gradient is kept

@@ -123,14 +123,17 @@ class DiffState(nn.Module):
         """Draw the gate noise from a generator of its own, seeded with ``seed``.
 
         Under data parallelism every rank seeds it alike, so all ranks sample the same mask
-        each step (the parameters are shared), while dropout keeps each rank's own RNG."""
+        each step (the parameters are shared), while dropout keeps each rank's own RNG. On
+        CPU the stream is numpy's PCG64 (gates.CpuNoise, faster than torch's CPU generator),
+        elsewhere a torch.Generator of the device."""
         self.noise_seed, self._noise = seed, None
 
-    def noise_generator(self) -> torch.Generator | None:
+    def noise_generator(self) -> "torch.Generator | gates.CpuNoise | None":
         device = self.theta0(0).device
         if self.noise_seed is not None and (self._noise is None or
                                             self._noise.device != device):
-            self._noise = torch.Generator(device).manual_seed(self.noise_seed)
+            self._noise = (gates.CpuNoise(self.noise_seed) if device.type == "cpu" else
+                           torch.Generator(device).manual_seed(self.noise_seed))
         return self._noise
 
     def gate_args(self) -> dict:
