@@ -83,9 +83,16 @@ def _release_hook(module: nn.Module, args, output) -> None:
     # holding them here frees each one as its backward runs, up to a model's worth of memory
     # at the end of backward. Gradient checkpointing reruns module forwards in backward and
     # needs them where the forward left them.
-    if (module.training and torch.is_grad_enabled()
-            and not getattr(module, "is_gradient_checkpointing", False)):
+    if module.training and torch.is_grad_enabled() and not _checkpointing(module):
         getattr(module, STATE_ATTR).release()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr) or attr in vars(model):
+            return bool(getattr(model, attr))
+    return False
 
 
 def prepare_(model: nn.Module, config: DiffPruneConfig | None = None,
