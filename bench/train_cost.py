@@ -2,7 +2,10 @@
 
 One run measures, side by side on the same model, batch and sequence length: full finetuning
 (a plain model, AdamW over every parameter); the L0 phase, structured and unstructured (fused
-gate, density controller); the fixed-mask phase at 0.5%. Each configuration runs in its own
+gate, density controller), from freshly initialised gates (every gate's sample depends on its
+noise: the first steps) and, structured, with separated gates (2.5% still open to the noise,
+as at the end of a real L0 phase: on CPU no random numbers are drawn for the others); the
+fixed-mask phase at 0.5%. Each configuration runs in its own
 child process so that its peak resident memory (ru_maxrss) is its own; step time is the median
 over the timed steps after warm-up. Peak memory is reported twice: over the whole process
 (setup included) and over the training steps alone (Linux: the peak counter VmHWM is reset
@@ -23,7 +26,10 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "train_cost"
-CONFIGS = ("full", "l0_structured", "l0_unstructured", "fixmask")
+CONFIGS = ("full", "l0_structured", "l0_unstructured", "l0_structured_separated", "fixmask")
+# Share of gates whose sample the noise can still change at the end of a real L0 phase
+# (STS-B, 1,000 examples, 0.5%: 2.5%); the *_separated configuration sets the gates so.
+UNSURE_SHARE = 0.025
 
 
 def _reset_peak() -> bool:
@@ -42,6 +48,17 @@ def _peak_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def _separate_gates(state) -> None:
+    """Gates as they are late in the L0 phase: UNSURE_SHARE of the logits spread over the
+    band where the noise decides (-13 .. 15), the rest shut at -25 (fused._certain_band)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in state.log_alpha:
+            unsure = torch.rand(a.shape, generator=g) < UNSURE_SHARE
+            a.copy_(torch.where(unsure, torch.rand(a.shape, generator=g) * 28 - 13, -25.0))
 
 
 def _measure(config: str, model_name: str, batch: int, length: int, steps: int, queue) -> None:
@@ -64,6 +81,8 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
         dp.prepare_(model, dp.DiffPruneConfig(structured=config != "l0_unstructured",
                                               gate_grad="expected"))
         dp.get_state(model).seed_noise(0)  # as the trainer does: backward redraws the noise
+        if config.endswith("_separated"):
+            _separate_gates(dp.get_state(model))
         if config == "fixmask":
             dp.project_(model, density=0.005)  # all-zero delta: fills by |w| or leaves empty
             if dp.expected_density(model) == 0:

@@ -123,3 +123,48 @@ def test_cpu_noise_is_replayed_in_backward(chunk, monkeypatch):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
     with pytest.raises(ValueError, match="CpuNoise"):
         gates.CpuNoise().set_state(torch.Generator().get_state())  # a torch generator's state
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2 / 3])
+def test_cpu_noise_skips_gates_the_noise_cannot_change(temperature, monkeypatch):
+    """Gates with logits far outside the band are 0 or 1 whatever the noise: no number is
+    drawn for them, and the sample (theta, gradients) equals the plain formulation's with
+    the drawn numbers at the uncertain entries in order (any u elsewhere)."""
+    monkeypatch.setattr(fused, "CHUNK", 100)
+    torch.manual_seed(0)
+    n = 600
+    a0 = torch.randn(n) * 2
+    far = torch.rand(n) < 0.9
+    far[100:200] = False  # a span of uncertain gates only: numbers drawn for all of it
+    far[:100] = True  # a span without a single draw
+    a0[far] = torch.where(torch.rand(int(far.sum())) < 0.5, -40.0, 40.0)
+    lo, hi = fused._certain_band(-1.5, 1.5, temperature)
+    assert -40 < lo < -13 and 14 < hi < 40
+    theta0, w0, upstream = torch.randn(n), torch.randn(n) * 0.1, torch.randn(n)
+    noise = gates.CpuNoise(3)
+    saved = noise.get_state()
+    w, a = w0.clone().requires_grad_(), a0.clone().requires_grad_()
+    zg = torch.tensor(0.9, requires_grad=True)
+    theta = GatedDelta.apply(theta0, w, a, torch.tensor(0.0), zg, -1.5, 1.5, temperature,
+                             True, False, noise)
+    (theta * upstream).sum().backward()
+    again = gates.CpuNoise().set_state(saved)
+    unsure = ~far
+    u = torch.rand(n)  # the skipped gates ignore their noise
+    for sp in fused._spans(n, 100):
+        k = int(unsure[sp].sum())
+        if k > fused._DENSE_FRACTION * 100:
+            u[sp] = again.uniform((100,), torch.float32)
+        elif k:
+            u[sp][unsure[sp]] = again.uniform((k,), torch.float32)
+    assert 0 < int(unsure[200:].sum()) < 0.25 * 400
+    assert noise.get_state().tolist() == again.get_state().tolist()  # as many draws
+    w2, a2 = w0.clone().requires_grad_(), a0.clone().requires_grad_()
+    zg2 = torch.tensor(0.9, requires_grad=True)
+    z = gates.sample_gate(a2, u=u, temperature=temperature)
+    assert set(z[~unsure].tolist()) == {0.0, 1.0}
+    ref = theta0 + z * zg2 * w2
+    (ref * upstream).sum().backward()
+    assert torch.allclose(theta, ref, atol=1e-6)
+    for x, y in ((w.grad, w2.grad), (a.grad, a2.grad), (zg.grad, zg2.grad)):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()

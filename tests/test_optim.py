@@ -1,8 +1,10 @@
 """DiffAdamW: plain AdamW outside the gate groups; shared-RMS steps keep relative sizes."""
 import copy
 
+import pytest
 import torch
 
+from diffprune import optim
 from diffprune.optim import DiffAdamW
 
 
@@ -57,10 +59,14 @@ def test_shared_rms_state_round_trips():
     assert torch.equal(p, clone)
 
 
-def test_gate_step_inside_backward_matches_adamw(monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gate_step_inside_backward_matches_adamw(kernel, monkeypatch):
     """optim.GateStep: the gates step inside the fused gate's backward (in 3 spans per
-    tensor here) and keep no gradient; after 4 steps every w, log_alpha and head entry equals
-    plain AdamW's (fused and unfused kernels) within 1e-6."""
+    tensor here; with torch's fused AdamW kernel or its formula in plain ops) and keep no
+    gradient; after 4 steps every w, log_alpha and head entry equals plain AdamW's (fused
+    and unfused kernels) within 1e-6."""
+    if not kernel:
+        monkeypatch.setattr(optim, "_FUSED_ADAMW", None)
     import diffprune as dp
     from diffprune import fused
     from diffprune.optim import GateStep

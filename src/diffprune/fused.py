@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .gates import _U_EPS, uniform, replay
+from .gates import _U_EPS, CpuNoise, replay, uniform
 
 
 def _gate(log_alpha: torch.Tensor, shift: torch.Tensor, left: float, right: float,
@@ -30,12 +30,56 @@ def _gate(log_alpha: torch.Tensor, shift: torch.Tensor, left: float, right: floa
     """z (clamped stretched sigmoid) of log_alpha + shift in one buffer; the noise comes from
     ``generator``."""
     z = log_alpha + shift
-    if stochastic:
+    if stochastic and isinstance(generator, CpuNoise) and z.dim() == 1:
+        _add_noise_where_uncertain(z, generator, *_certain_band(left, right, temperature))
+    elif stochastic:
         z.add_(uniform(log_alpha.shape, generator, log_alpha.device,
                        log_alpha.dtype).logit_(_U_EPS))
     if temperature != 1.0:
         z.div_(temperature)
     return z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)
+
+
+# |logit(u)| for u clamped into [eps, 1 - eps]: no noise sample lies beyond it.
+_LOGIT_MAX = math.log((1 - _U_EPS) / _U_EPS)
+_MARGIN = 0.01  # logits of slack around the band, far above float rounding
+_DENSE_FRACTION = 0.25  # above this share of uncertain gates in a span, draw for all of it
+
+
+def _logit(p: float) -> float:
+    return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
+
+
+def _certain_band(left: float, right: float, temperature: float) -> tuple[float, float]:
+    """(lo, hi): a gate logit x <= lo gives z = 0 and x >= hi gives z = 1 for every noise
+    value, since z = clamp(sigmoid((x + L) / T) (r - l) + l, 0, 1) with |L| <= _LOGIT_MAX."""
+    q0 = _logit(-left / (right - left))  # s below this: z clamped at 0
+    q1 = _logit((1.0 - left) / (right - left))  # s above this: z clamped at 1
+    return temperature * q0 - _LOGIT_MAX - _MARGIN, temperature * q1 + _LOGIT_MAX + _MARGIN
+
+
+def _add_noise_where_uncertain(x: torch.Tensor, generator: CpuNoise, lo: float,
+                               hi: float) -> None:
+    """x += logistic noise, drawn only for the entries whose gate the noise can change.
+
+    Once the gates have separated most logits lie outside (lo, hi) (2.5% inside at the end
+    of an STS-B L0 phase here), so most of the random numbers, the costliest part of a
+    gate on CPU, are never drawn. The sample is still exact: the skipped gates are 0 or 1
+    whatever the noise. How many numbers are drawn (k, or all of the span when k exceeds
+    _DENSE_FRACTION of it) follows from x alone, so the backward pass replays the same
+    draws."""
+    if not x.numel():
+        return
+    least, most = (float(v) for v in torch.aminmax(x))
+    if least >= hi or most <= lo:  # every gate certain
+        return
+    unsure = None if least > lo and most < hi else (x > lo).logical_and_(x < hi)
+    k = x.numel() if unsure is None else int(unsure.sum())
+    if k > _DENSE_FRACTION * x.numel():  # gathering would cost more than drawing for all
+        x.add_(generator.uniform(tuple(x.shape), x.dtype).logit_(_U_EPS))
+    elif k:
+        idx = unsure.nonzero().squeeze(1)
+        x.index_add_(0, idx, generator.uniform((k,), x.dtype).logit_(_U_EPS))
 
 
 # Elements per chunk: every temporary (noise, gate, products) is this size instead of the

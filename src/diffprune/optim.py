@@ -57,6 +57,10 @@ class DiffAdamW(torch.optim.AdamW):
             p.add_(state["m"], alpha=-step_size)
 
 
+# torch's AdamW kernel (one pass over the tensors; what AdamW(fused=True) calls), if present
+_FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
+
+
 class GateStep:
     """AdamW's update for the gate logits of one param group, applied by the fused gate's
     backward (fused.GatedDelta, ``gate_step``) span by span while the gradient is computed:
@@ -97,10 +101,16 @@ class GateStep:
         step_size = lr / (1 - beta1 ** t)
         root_bc2 = (1 - beta2 ** t) ** 0.5
         p, m, v = (x.view(-1) for x in (param, state["exp_avg"], state["exp_avg_sq"]))
+        fused = _FUSED_ADAMW
+        step = state["step"]  # already counted up, as torch.optim does before the kernel
 
         @torch.no_grad()
         def update(span: slice, grad: torch.Tensor) -> None:
             ps, ms, vs = p[span], m[span], v[span]
+            if fused is not None and p.device.type in ("cpu", "cuda"):
+                fused([ps], [grad], [ms], [vs], [], [step], lr=lr, beta1=beta1,
+                      beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                return
             if wd:
                 ps.mul_(1 - lr * wd)
             ms.lerp_(grad, 1 - beta1)
