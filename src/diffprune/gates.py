@@ -20,8 +20,9 @@ import json
 import math
 
 import numpy as np
-
 import torch
+
+from .errors import ConfigError
 
 # u is kept this far from 0 and 1 so that logit(u) is finite (and its gradient too).
 _U_EPS = 1e-6
@@ -53,8 +54,9 @@ class CpuNoise:
                 raise ValueError(value.get("bit_generator"))
             self._bits.state = value
         except (ValueError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError("not a saved CpuNoise state (PCG64); a checkpoint of an older "
-                             f"diffprune, whose gate noise came from torch's generator? ({e})")
+            raise ConfigError("not a saved CpuNoise state (PCG64): a checkpoint of an older "
+                              "diffprune, whose CPU gate noise came from torch's generator? "
+                              f"Start the run again without --resume ({e})") from None
         return self
 
     def uniform(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
