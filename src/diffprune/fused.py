@@ -25,13 +25,18 @@ from .gates import _U_EPS, CpuNoise, replay, uniform
 
 
 def _gate(log_alpha: torch.Tensor, shift: torch.Tensor, left: float, right: float,
-          temperature: float, stochastic: bool, generator
+          temperature: float, stochastic: bool, generator, record: list | None = None
           ) -> torch.Tensor:
     """z (clamped stretched sigmoid) of log_alpha + shift in one buffer; the noise comes from
-    ``generator``."""
+    ``generator`` (a _SpanNoise: what the forward drew for this span). With a CpuNoise and
+    a flat span, what was drawn is appended to ``record``."""
     z = log_alpha + shift
-    if stochastic and isinstance(generator, CpuNoise) and z.dim() == 1:
-        _add_noise_where_uncertain(z, generator, *_certain_band(left, right, temperature))
+    if stochastic and isinstance(generator, _SpanNoise):
+        generator.add_to(z)
+    elif stochastic and isinstance(generator, CpuNoise) and z.dim() == 1:
+        drawn = _add_noise_where_uncertain(z, generator, *_certain_band(left, right, temperature))
+        if record is not None:
+            record.append(drawn)
     elif stochastic:
         z.add_(uniform(log_alpha.shape, generator, log_alpha.device,
                        log_alpha.dtype).logit_(_U_EPS))
@@ -58,28 +63,51 @@ def _certain_band(left: float, right: float, temperature: float) -> tuple[float,
     return temperature * q0 - _LOGIT_MAX - _MARGIN, temperature * q1 + _LOGIT_MAX + _MARGIN
 
 
+class _SpanNoise:
+    """The noise one span of the forward drew, for its backward: the generator's state when
+    the whole span was drawn, or the uncertain positions and their noise (a few % of the
+    span once the gates have separated, at most _DENSE_FRACTION of it), or nothing."""
+
+    __slots__ = ("state", "idx", "noise")
+
+    def __init__(self, state=None, idx=None, noise=None):
+        self.state, self.idx, self.noise = state, idx, noise
+
+    def add_to(self, x: torch.Tensor) -> None:
+        if self.state is not None:
+            x.add_(CpuNoise().set_state(self.state).uniform(tuple(x.shape), x.dtype)
+                   .logit_(_U_EPS))
+        elif self.idx is not None:
+            x.index_add_(0, self.idx, self.noise)
+
+
 def _add_noise_where_uncertain(x: torch.Tensor, generator: CpuNoise, lo: float,
-                               hi: float) -> None:
+                               hi: float) -> _SpanNoise:
     """x += logistic noise, drawn only for the entries whose gate the noise can change.
 
     Once the gates have separated most logits lie outside (lo, hi) (2.5% inside at the end
     of an STS-B L0 phase here), so most of the random numbers, the costliest part of a
     gate on CPU, are never drawn. The sample is still exact: the skipped gates are 0 or 1
     whatever the noise. How many numbers are drawn (k, or all of the span when k exceeds
-    _DENSE_FRACTION of it) follows from x alone, so the backward pass replays the same
-    draws."""
+    _DENSE_FRACTION of it) follows from x alone. Returns what was drawn, so that backward
+    adds the same noise without searching for the uncertain gates again."""
     if not x.numel():
-        return
+        return _SpanNoise()
     least, most = (float(v) for v in torch.aminmax(x))
     if least >= hi or most <= lo:  # every gate certain
-        return
+        return _SpanNoise()
     unsure = None if least > lo and most < hi else (x > lo).logical_and_(x < hi)
     k = x.numel() if unsure is None else int(unsure.sum())
     if k > _DENSE_FRACTION * x.numel():  # gathering would cost more than drawing for all
+        state = generator.get_state()
         x.add_(generator.uniform(tuple(x.shape), x.dtype).logit_(_U_EPS))
-    elif k:
-        idx = unsure.nonzero().squeeze(1)
-        x.index_add_(0, idx, generator.uniform((k,), x.dtype).logit_(_U_EPS))
+        return _SpanNoise(state=state)
+    if not k:
+        return _SpanNoise()
+    idx = unsure.nonzero().squeeze(1).to(torch.int32)
+    noise = generator.uniform((k,), x.dtype).logit_(_U_EPS)
+    x.index_add_(0, idx, noise)
+    return _SpanNoise(idx=idx, noise=noise)
 
 
 # Elements per chunk: every temporary (noise, gate, products) is this size instead of the
@@ -125,10 +153,12 @@ class GatedDelta(torch.autograd.Function):
         elif generator is None:
             generator = _default_generator(log_alpha.device)
         keep_z = stochastic and generator is None  # no generator to replay: keep z
+        # CpuNoise: each span's draw is recorded (ctx.plan); else the generator is replayed
+        plan = [] if stochastic and isinstance(generator, CpuNoise) else None
+        replayed = stochastic and not keep_z and plan is None
         ctx.consts = (left, right, temperature, expected_grad, stochastic,
-                      generator.get_state() if stochastic and not keep_z else None,
-                      (type(generator), generator.device) if stochastic and not keep_z
-                      else None)
+                      generator.get_state() if replayed else None,
+                      (type(generator), generator.device) if replayed else None)
         with torch.no_grad():
             if keep_z:
                 z = _gate(log_alpha, shift, left, right, temperature, True, None)
@@ -139,12 +169,13 @@ class GatedDelta(torch.autograd.Function):
                 out, t0, wf, af = (t.reshape(-1) for t in (theta, theta0, w, log_alpha))
                 for s in _spans(out.numel(), CHUNK):
                     zs = _gate(af[s], shift, left, right, temperature, stochastic,
-                               generator).mul_(zg)
+                               generator, plan).mul_(zg)
                     if out.dtype == wf.dtype:
                         torch.addcmul(t0[s], zs, wf[s], out=out[s])
                     else:  # half-precision base: the sum in w's dtype, then rounded once
                         out[s] = torch.addcmul(t0[s].to(wf.dtype), zs, wf[s])
         ctx.chunk = CHUNK if z is None else max(w.numel(), 1)
+        ctx.plan = plan
         ctx.gate_step, ctx.log_alpha = gate_step, log_alpha  # the Parameter itself
         ctx.save_for_backward(z, w, zg, log_alpha, shift)
         return theta
@@ -167,7 +198,9 @@ class GatedDelta(torch.autograd.Function):
             grad_a = torch.empty_like(log_alpha) if need_a else None
         grad_zg = torch.zeros((), dtype=w.dtype, device=w.device) if need_zg else None
         gf, wf, af = (t.reshape(-1) for t in (grad, w, log_alpha))
-        for s in _spans(wf.numel(), ctx.chunk):
+        for i, s in enumerate(_spans(wf.numel(), ctx.chunk)):
+            if ctx.plan is not None:
+                gen = ctx.plan[i]
             zc = (z.reshape(-1)[s] if z is not None else
                   _gate(af[s], shift, left, right, temperature, stochastic, gen))
             out_a = (span_a[:s.stop - s.start] if stepper is not None else
