@@ -105,6 +105,11 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
     return record
 
 
+def _seeds_on_disk(out: Path) -> set[int]:
+    """Seeds of the finished runs under ``out`` (file names end in -s<seed>.json)."""
+    return {int(p.stem.rsplit("-s", 1)[1]) for p in (out / "runs").glob("*-s*.json")}
+
+
 def _one(cfg_json: str) -> None:
     """Child process: one training run (its peak memory is its own)."""
     from diffprune.cli import tune_allocator
@@ -137,6 +142,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", metavar="VARIANT",
                    help="train only these of the profile's variants (the report still covers "
                         "every finished run)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="train these seeds instead of the profile's (the report still covers "
+                        "every finished run, each method's scores averaged over its seeds)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -144,19 +152,24 @@ def main() -> None:
     profile = PROFILES[args.profile]
     out = Path(args.out) if args.out else OUT / args.profile
     tasks = profile.tasks or tasks_present(args.data_dir)
+    train_seeds = tuple(args.seeds or profile.seeds)
+    seeds = sorted(set(train_seeds) | set(profile.seeds) | _seeds_on_disk(out))
     records = []
     for variant in profile.methods:  # method-major: a partial run has complete rows
         for task in tasks:
-            for seed in profile.seeds:
+            for seed in seeds:
                 path = out / "runs" / f"{task}-{variant}-s{seed}.json"
-                skip = args.report_only or (args.methods and variant not in args.methods)
+                skip = (args.report_only or (args.methods and variant not in args.methods)
+                        or seed not in train_seeds)
                 if skip and not path.exists():
                     continue
                 records.append(run_one(out, variant, task, seed, profile, args))
                 print(f"{task} {variant} seed {seed}: {records[-1]['score']:.2f}", flush=True)
     from report import write_report  # bench/report.py
     command = f"python bench/compare.py --profile {args.profile}" + (
-        f" --model {args.model}" if args.model else "")
+        f" --model {args.model}" if args.model else "") + (
+        f" --methods {' '.join(args.methods)}" if args.methods else "") + (
+        f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt)
 

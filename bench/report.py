@@ -67,15 +67,17 @@ def _fmt(x, spec=".2f"):
 def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int) -> list[str]:
     order = sorted(rows, key=lambda v: (v != "full", not v.startswith("diff-s"),
                                         not v.startswith("diff-u"), v))
-    main = ["| method | % params per task | " + " | ".join(tasks) + " | average | bytes per task |",
-            "|---" * (len(tasks) + 4) + "|"]
+    main = ["| method | seeds | % params per task | " + " | ".join(tasks)
+            + " | average | bytes per task |", "|---" * (len(tasks) + 5) + "|"]
     for v in order:
         r = rows[v]
         # full finetuning stores a whole checkpoint per task (as in the paper's table)
         pct, size = (100, ckpt_bytes) if v == "full" else (r["pct_params"], r["bytes"])
         cells = [_fmt(r["scores"].get(t)) + (f" ± {r['sd'][t]:.2f}" if t in r["sd"] else "")
                  for t in tasks]
-        main.append(f"| {label(v)} | {pct:.3g} | " + " | ".join(cells)
+        counts = sorted({n for n in r["n"].values() if n})
+        seeds = "-".join(str(c) for c in (counts[0], counts[-1])[:1 + (len(counts) > 1)])
+        main.append(f"| {label(v)} | {seeds} | {pct:.3g} | " + " | ".join(cells)
                     + f" | {_fmt(r['average'])} | {size / 1e3:,.0f} kB |")
     storage = ["| method | stored parameters (incl. head) | bytes per task | bits per stored "
                "value (all files) | position bits per nonzero | x smaller than a checkpoint |",
@@ -158,7 +160,11 @@ def plot_nonzeros(records: list[dict], variant: str, path: Path) -> bool:
 def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile, command: str,
                  ckpt_bytes: int) -> None:
     rows = aggregate(records, tasks)
-    (out / "results.json").write_text(json.dumps({"command": command, "tasks": list(tasks),
+    old = out / "results.json"  # the commands that trained these runs, oldest first
+    prev = json.loads(old.read_text()) if old.exists() else {}
+    commands = prev.get("commands") or ([prev["command"]] if "command" in prev else [])
+    commands = [c for c in commands if c != command] + [command]
+    (out / "results.json").write_text(json.dumps({"commands": commands, "tasks": list(tasks),
                                                   "full_checkpoint_bytes": ckpt_bytes,
                                                   "methods": rows}, indent=1))
     if rows:
@@ -169,9 +175,11 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
     train = (f"{profile.max_train_samples:,} seeded training examples per task"
              if profile.max_train_samples else "full training sets")
     text = ["# diffprune vs full finetuning, BitFit, LoRA and SHiRA (issue 4)", "",
-            f"Command: `{command}`", "",
+            "Commands (in the order they ran; a later one adds runs, finished ones are kept):",
+            "", *[f"- `{c}`" for c in commands], "",
             f"Model: `{records[0]['config']['model'] if records else profile.model}`; {train}; "
-            f"max length 128; seeds {list(profile.seeds)}; diff pruning and magnitude "
+            "max length 128; the `seeds` column gives how many seeds each score averages "
+            "(mean ± sd where more than one); diff pruning and magnitude "
             f"{profile.epochs} + {profile.fixmask_epochs} epochs, the single-phase methods "
             f"(full, BitFit, LoRA, SHiRA) {profile.epochs + profile.fixmask_epochs} epochs, so "
             "every method takes the same number of steps. Scores: each task's official dev "

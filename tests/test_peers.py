@@ -82,3 +82,13 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert "sst2 lora seed 1" in again.stdout
     assert json.loads((out / "runs" / "sst2-lora-s1.json").read_text()) == runs["sst2-lora-s1"]
+    # --seeds adds runs of the methods named; the report averages each method over its seeds
+    subprocess.run(cmd + ["--seeds", "2", "--methods", "bitfit"], check=True,
+                   capture_output=True)
+    assert {p.stem for p in (out / "runs").glob("*.json")} == set(runs) | {"sst2-bitfit-s2"}
+    report = (out / "results.md").read_text()
+    bitfit = next(line for line in report.splitlines() if line.startswith("| BitFit | "))
+    assert bitfit.split(" | ")[1] == "2" and " ± " in bitfit
+    assert next(line for line in report.splitlines()
+                if line.startswith("| LoRA")).split(" | ")[1] == "1"
+    assert "--seeds 2" in report and "`python bench/compare.py --profile smoke --model" in report
