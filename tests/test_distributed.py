@@ -6,6 +6,7 @@ batch must reach the diff of a 1-process run up to float rounding: each rank pad
 batch on its own and DDP averages the two half-batch gradients. Tolerance: identical nonzero
 positions, values within 1e-5 (they are of order 1e-2 after these steps).
 """
+import json
 import subprocess
 import sys
 
@@ -53,6 +54,9 @@ def test_two_processes_train_the_single_process_diff(runs):
     assert single.nnz == ddp.nnz > 0
     assert max(float(t.values.abs().max()) for t in single.tensors if t.values.numel()) > 1e-3
     _assert_same(single, ddp, atol=1e-5)  # it did train, and the same way
+    # both stepped the gates inside backward (under DDP: span gradients averaged there)
+    for run in ("single", "ddp"):
+        assert json.loads((root / run / "results.json").read_text())["gate_step_in_backward"]
     # rank 0 wrote everything once; no rank left a temp directory behind
     assert not [p for p in (root / "ddp").iterdir() if p.name.startswith(".")]
 

@@ -52,23 +52,44 @@ def setup(device: str) -> Dist:
 
 
 def wrap(model: torch.nn.Module, info: Dist, device: torch.device,
-         find_unused: bool = False) -> torch.nn.Module:
+         find_unused: bool = False, ignore: tuple[torch.nn.Parameter, ...] = ()
+         ) -> torch.nn.Module:
     """DDP over ``model`` (its trainables change between phases, so wrap once per phase).
 
     ``find_unused``: some trainables get no gradient in some steps (gates held open).
-    Buffers are not synced per forward: the frozen theta0 buffers are identical on every rank
-    and would otherwise be re-sent every step."""
+    ``ignore``: parameters whose gradients are reduced elsewhere (the gates stepped inside
+    backward, see ``averager``). Buffers are not synced per forward: the frozen theta0
+    buffers are identical on every rank and would otherwise be re-sent every step."""
     if not info.enabled:
         return model
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
+    skip = {id(p) for p in ignore}
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [n for n, p in model.named_parameters() if id(p) in skip])
     ids = [device.index] if device.type == "cuda" else None
     # newer torch renamed the switch (and deprecates the old name)
     name = ("forward_sync_buffers" if "forward_sync_buffers" in
             inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
                                    **{name: False})
+
+
+def averager(info: Dist):
+    """None in one process; else ``mean_(tensor)``, an in-place mean across ranks, on a
+    process group of its own: it is called inside backward (optim.GateStep), while DDP's
+    bucket reductions run on the default group, and a separate group keeps the two streams
+    of collectives from interleaving differently on different ranks. Every rank must call
+    this at the same point (it creates a group)."""
+    if not info.enabled:
+        return None
+    group = dist.new_group(backend=dist.get_backend())
+
+    def mean_(t: torch.Tensor) -> None:
+        dist.all_reduce(t, group=group)
+        t.div_(info.world)
+    return mean_
 
 
 def shard(indices: list, info: Dist) -> list:

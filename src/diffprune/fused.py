@@ -142,7 +142,7 @@ class GatedDelta(torch.autograd.Function):
     ``gate_step`` (optim.GateStep): log_alpha takes its optimizer step inside backward, span
     by span, as soon as its gradient is known, instead of keeping an N-sized gradient for
     the optimizer; log_alpha.grad stays None. Exact for gates that are not clipped together
-    with other parameters and whose gradient needs no reduction across processes."""
+    with other parameters (under DDP the stepper averages each span across ranks first)."""
 
     @staticmethod
     def forward(ctx, theta0, w, log_alpha, shift, zg, left: float, right: float,

@@ -70,11 +70,15 @@ class GateStep:
 
     Same update as torch.optim.AdamW (amsgrad and maximize off). Exact only where the gate
     gradient is final when backward reaches the gate: no clipping across parameters, no
-    reduction across processes, no other loss term on log_alpha, no gradient accumulation.
+    other loss term on log_alpha, no gradient accumulation. Under data parallelism
+    ``reduce`` (distributed.averager) averages each span's gradient across processes before
+    the step, as DDP would have averaged the whole gradient (the gates are then left out of
+    DDP's own reduction).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, group_name: str = "gates"):
-        self.optimizer, self.group_name = optimizer, group_name
+    def __init__(self, optimizer: torch.optim.Optimizer, group_name: str = "gates",
+                 reduce=None):
+        self.optimizer, self.group_name, self.reduce = optimizer, group_name, reduce
         group = self._group()
         if group.get("amsgrad") or group.get("maximize"):
             raise ValueError("GateStep implements AdamW without amsgrad or maximize")
@@ -101,11 +105,13 @@ class GateStep:
         step_size = lr / (1 - beta1 ** t)
         root_bc2 = (1 - beta2 ** t) ** 0.5
         p, m, v = (x.view(-1) for x in (param, state["exp_avg"], state["exp_avg_sq"]))
-        fused = _FUSED_ADAMW
+        fused, reduce = _FUSED_ADAMW, self.reduce
         step = state["step"]  # already counted up, as torch.optim does before the kernel
 
         @torch.no_grad()
         def update(span: slice, grad: torch.Tensor) -> None:
+            if reduce is not None:
+                reduce(grad)
             ps, ms, vs = p[span], m[span], v[span]
             if fused is not None and p.device.type in ("cpu", "cuda"):
                 fused([ps], [grad], [ms], [vs], [], [step], lr=lr, beta1=beta1,

@@ -137,8 +137,8 @@ class TrainConfig:
     (one normaliser per group, so a gate's step keeps the size of its evidence; optim.py)."""
     gate_step_in_backward: bool = True
     """Step the gates inside the fused gate's backward (optim.GateStep: same AdamW update,
-    no gradient of N entries kept); used in one process with the controller and the adam
-    gate update, else the plain optimizer step."""
+    no gradient of N entries kept); used with the controller and the adam gate update (under
+    DDP too: each span's gradient is averaged across ranks first), else the plain step."""
     init_log_alpha: float = 5.0
     """Initial log_alpha of the gates (paper: 5)."""
     weight_decay: float = 0.0
@@ -229,6 +229,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.phases = plan(cfg)
         self.dist = distributed.setup(cfg.device)
+        self._gate_mean = distributed.averager(self.dist)  # gate gradients under DDP
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                                    if cfg.device == "auto" else cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -350,16 +351,21 @@ class Trainer:
         # fused=True: one kernel over all tensors (CPU and CUDA); the step over ~2N diff and
         # gate parameters is a large share of a small-batch step.
         self.optimizer = DiffAdamW(groups, lr=phase.lr, fused=True)
+        ignore = ()
         if phase.stage == "l0":
             # The gates' AdamW step inside the fused gate's backward (no N-sized gate
-            # gradient): exact when nothing else touches that gradient (one process, no
-            # penalty term, Adam's own normalisation; gates are never clipped).
-            get_state(self.model).gate_step = (
-                GateStep(self.optimizer) if self.dist.world == 1 and self.cfg.gate_step_in_backward
-                and self.cfg.sparsity == "controller" and self.cfg.gate_update == "adam"
-                else None)
+            # gradient): exact when nothing else touches that gradient (no penalty term,
+            # Adam's own normalisation; gates are never clipped). Under DDP each span's
+            # gradient is averaged across ranks there, and DDP leaves the gates alone.
+            state = get_state(self.model)
+            state.gate_step = (GateStep(self.optimizer, reduce=self._gate_mean)
+                               if self.cfg.gate_step_in_backward
+                               and self.cfg.sparsity == "controller"
+                               and self.cfg.gate_update == "adam" else None)
+            ignore = tuple(state.log_alpha) if state.gate_step is not None else ()
+            self.results["gate_step_in_backward"] = state.gate_step is not None
         self.net = distributed.wrap(self.model, self.dist, self.device,  # DDP when launched so
-                                    find_unused=self._warm_steps(phase) > 0)
+                                    find_unused=self._warm_steps(phase) > 0, ignore=ignore)
 
     # --- one step -----------------------------------------------------------------------
     def _lr_factor(self, phase: Phase, step_in_phase: int) -> float:
