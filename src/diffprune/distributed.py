@@ -117,6 +117,16 @@ def gather(obj, info: Dist) -> list:
     return out
 
 
+def check_same(value, info: Dist, what: str) -> None:
+    """Raise on every rank unless ``value`` is equal on all of them (a mismatch, e.g. masks
+    projected from gates that diverged, would otherwise leave DDP waiting forever)."""
+    values = gather(value, info)
+    if len(set(values)) > 1:
+        from .errors import DiffPruneError
+        raise DiffPruneError(f"the {info.world} processes disagree on the {what} (per rank: "
+                             f"{values}); they must train identical copies of the diff")
+
+
 def barrier(info: Dist) -> None:
     if info.enabled:
         dist.barrier()

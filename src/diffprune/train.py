@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,6 +305,8 @@ class Trainer:
                 report = project_(self.model, density=self.cfg.density,
                                   score=self.cfg.projection)
                 self.results["projection"] = dataclasses.asdict(report)
+            distributed.check_same(_mask_crc(get_state(self.model)), self.dist,
+                                   "projected mask (crc32 of its positions)")
             self.model.to(self.device)
             self.results["projection"]["dev"] = self._eval()
             self._log({"event": "projection", **self.results["projection"]})
@@ -615,6 +618,13 @@ class Trainer:
                 "metrics": list(spec.metrics), "pair": self.data.train[0]["text_pair"] is not None,
                 "max_length": self.cfg.max_length, "method": self.cfg.method,
                 "head": head_config(spec)}
+
+
+def _mask_crc(state) -> int:
+    crc = 0
+    for i in range(len(state.targets)):
+        crc = zlib.crc32(state.indices(i).cpu().numpy().tobytes(), crc)
+    return crc
 
 
 def _dir_bytes(path: Path) -> int:
