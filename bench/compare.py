@@ -110,6 +110,18 @@ def _seeds_on_disk(out: Path) -> set[int]:
     return {int(p.stem.rsplit("-s", 1)[1]) for p in (out / "runs").glob("*-s*.json")}
 
 
+def _variants(profile: Profile, requested, out: Path) -> tuple[str, ...]:
+    """The profile's variants, then any other known variant asked for by --methods or already
+    finished under ``out`` (so the quick profile can add the densities it skips)."""
+    known = set(ALL_METHODS) | set(profile.methods)
+    unknown = [v for v in requested or () if v not in known]
+    if unknown:
+        raise SystemExit(f"unknown method variant(s) {unknown}; known: {sorted(known)}")
+    on_disk = sorted({json.loads(p.read_text())["variant"] for p in (out / "runs").glob("*.json")})
+    extra = [v for v in list(requested or ()) + on_disk if v not in profile.methods]
+    return profile.methods + tuple(dict.fromkeys(extra))
+
+
 def _one(cfg_json: str) -> None:
     """Child process: one training run (its peak memory is its own)."""
     from diffprune.cli import tune_allocator
@@ -140,8 +152,8 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true",
                    help="write the report from finished runs, train nothing")
     p.add_argument("--methods", nargs="+", metavar="VARIANT",
-                   help="train only these of the profile's variants (the report still covers "
-                        "every finished run)")
+                   help="train only these variants: the profile's, or others of "
+                        f"{', '.join(ALL_METHODS)} (the report still covers every finished run)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="train these seeds instead of the profile's (the report still covers "
                         "every finished run, each method's scores averaged over its seeds)")
@@ -155,7 +167,8 @@ def main() -> None:
     train_seeds = tuple(args.seeds or profile.seeds)
     seeds = sorted(set(train_seeds) | set(profile.seeds) | _seeds_on_disk(out))
     records = []
-    for variant in profile.methods:  # method-major: a partial run has complete rows
+    # method-major: an interrupted run leaves complete rows
+    for variant in _variants(profile, args.methods, out):
         for task in tasks:
             for seed in seeds:
                 path = out / "runs" / f"{task}-{variant}-s{seed}.json"

@@ -92,3 +92,10 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
     assert next(line for line in report.splitlines()
                 if line.startswith("| LoRA")).split(" | ")[1] == "1"
     assert "--seeds 2" in report and "`python bench/compare.py --profile smoke --model" in report
+    # --methods can add a known variant the profile skips; the report keeps it afterwards
+    subprocess.run(cmd + ["--methods", "diff-u-0.01"], check=True, capture_output=True)
+    assert (out / "runs" / "sst2-diff-u-0.01-s1.json").exists()
+    subprocess.run(cmd + ["--report-only"], check=True, capture_output=True)
+    assert "| diff pruning, unstructured 1% | 1 |" in (out / "results.md").read_text()
+    bad = subprocess.run(cmd + ["--methods", "diff-x-0.5"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown method variant(s) ['diff-x-0.5']" in bad.stderr
