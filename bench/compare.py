@@ -183,6 +183,8 @@ def main() -> None:
         f" --model {args.model}" if args.model else "") + (
         f" --methods {' '.join(args.methods)}" if args.methods else "") + (
         f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+    if args.report_only:
+        command = None  # it trained nothing: the list of commands stays as it is
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt)
 

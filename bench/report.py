@@ -157,13 +157,14 @@ def plot_nonzeros(records: list[dict], variant: str, path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile, command: str,
-                 ckpt_bytes: int) -> None:
+def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile,
+                 command: str | None, ckpt_bytes: int) -> None:
     rows = aggregate(records, tasks)
     old = out / "results.json"  # the commands that trained these runs, oldest first
     prev = json.loads(old.read_text()) if old.exists() else {}
     commands = prev.get("commands") or ([prev["command"]] if "command" in prev else [])
-    commands = [c for c in commands if c != command] + [command]
+    if command and command not in commands:  # None: --report-only, it trained nothing
+        commands.append(command)
     (out / "results.json").write_text(json.dumps({"commands": commands, "tasks": list(tasks),
                                                   "full_checkpoint_bytes": ckpt_bytes,
                                                   "methods": rows}, indent=1))
