@@ -105,20 +105,24 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
     return record
 
 
-def _seeds_on_disk(out: Path) -> set[int]:
-    """Seeds of the finished runs under ``out`` (file names end in -s<seed>.json)."""
-    return {int(p.stem.rsplit("-s", 1)[1]) for p in (out / "runs").glob("*-s*.json")}
+def _runs_on_disk(out: Path) -> set[tuple[str, int]]:
+    """(variant, seed) of the finished runs under ``out``: their files are named
+    <task>-<variant>-s<seed>.json (task names hold no hyphen)."""
+    runs = set()
+    for p in (out / "runs").glob("*-s*.json"):
+        rest, seed = p.stem.rsplit("-s", 1)
+        runs.add((rest.split("-", 1)[1], int(seed)))
+    return runs
 
 
-def _variants(profile: Profile, requested, out: Path) -> tuple[str, ...]:
+def _variants(profile: Profile, requested, on_disk: set[str]) -> tuple[str, ...]:
     """The profile's variants, then any other known variant asked for by --methods or already
-    finished under ``out`` (so the quick profile can add the densities it skips)."""
+    finished (so the quick profile can add the densities it skips)."""
     known = set(ALL_METHODS) | set(profile.methods)
     unknown = [v for v in requested or () if v not in known]
     if unknown:
         raise SystemExit(f"unknown method variant(s) {unknown}; known: {sorted(known)}")
-    on_disk = sorted({json.loads(p.read_text())["variant"] for p in (out / "runs").glob("*.json")})
-    extra = [v for v in list(requested or ()) + on_disk if v not in profile.methods]
+    extra = [v for v in list(requested or ()) + sorted(on_disk) if v not in profile.methods]
     return profile.methods + tuple(dict.fromkeys(extra))
 
 
@@ -165,10 +169,11 @@ def main() -> None:
     out = Path(args.out) if args.out else OUT / args.profile
     tasks = profile.tasks or tasks_present(args.data_dir)
     train_seeds = tuple(args.seeds or profile.seeds)
-    seeds = sorted(set(train_seeds) | set(profile.seeds) | _seeds_on_disk(out))
+    done = _runs_on_disk(out)
+    seeds = sorted(set(train_seeds) | set(profile.seeds) | {seed for _, seed in done})
     records = []
     # method-major: an interrupted run leaves complete rows
-    for variant in _variants(profile, args.methods, out):
+    for variant in _variants(profile, args.methods, {variant for variant, _ in done}):
         for task in tasks:
             for seed in seeds:
                 path = out / "runs" / f"{task}-{variant}-s{seed}.json"
@@ -179,12 +184,12 @@ def main() -> None:
                 records.append(run_one(out, variant, task, seed, profile, args))
                 print(f"{task} {variant} seed {seed}: {records[-1]['score']:.2f}", flush=True)
     from report import write_report  # bench/report.py
-    command = f"python bench/compare.py --profile {args.profile}" + (
-        f" --model {args.model}" if args.model else "") + (
-        f" --methods {' '.join(args.methods)}" if args.methods else "") + (
-        f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-    if args.report_only:
-        command = None  # it trained nothing: the list of commands stays as it is
+    # --report-only trained nothing: the list of commands that trained the runs stays as is
+    command = None if args.report_only else (
+        f"python bench/compare.py --profile {args.profile}"
+        + (f" --model {args.model}" if args.model else "")
+        + (f" --methods {' '.join(args.methods)}" if args.methods else "")
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""))
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt)
 

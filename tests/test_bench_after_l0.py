@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "after_l0.py"
 RUNS = ROOT / "bench" / "results" / "after_l0" / "runs"
@@ -29,4 +28,3 @@ def test_empty_directory_is_an_error(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(tmp_path),
                           "--out", str(tmp_path / "x.md")], capture_output=True, text=True)
     assert res.returncode != 0 and "no results JSON files" in res.stderr
-
