@@ -20,6 +20,25 @@ def label(variant: str) -> str:
     return LABELS.get(variant, variant)
 
 
+# Settings a score depends on, with the methods that use them (None: every method). A run
+# trained with another value than today's default is marked in the table: its row predates a
+# change of default and has not been retrained.
+WATCHED = {"lr": ("diff",), "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
+
+
+def earlier_defaults(rs: list[dict]) -> dict[str, list]:
+    """{setting: [values]} where these runs differ from today's TrainConfig defaults."""
+    from diffprune.train import TrainConfig
+    now, out = TrainConfig(), {}
+    for r in rs:
+        cfg = r.get("config") or {}
+        for key, methods in WATCHED.items():
+            if key in cfg and (methods is None or cfg.get("method") in methods) \
+                    and cfg[key] != getattr(now, key):
+                out.setdefault(key, set()).add(cfg[key])
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def _mean(xs):
     return statistics.mean(xs) if xs else None
 
@@ -50,6 +69,7 @@ def aggregate(records: list[dict], tasks: tuple[str, ...]) -> dict:
             "wall_time_s": _mean([r["wall_time_s"] for r in rs]),
             "peak_memory_bytes": _mean([r["peak_memory_bytes"] for r in rs]),
             "rank": rs[0].get("rank"),
+            "earlier_defaults": earlier_defaults(rs),
             "l0": [{"task": r["task"], "seed": r["seed"], "l0_dev": r["phases"]["l0"]["dev"]["score"],
                     "l0_density": r["phases"]["l0"]["expected_density"],
                     "projection_dev": r["projection"]["dev"]["score"], "final": r["score"],
@@ -77,8 +97,17 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int) -> list[str]:
                  for t in tasks]
         counts = sorted({n for n in r["n"].values() if n})
         seeds = "-".join(str(c) for c in (counts[0], counts[-1])[:1 + (len(counts) > 1)])
-        main.append(f"| {label(v)} | {seeds} | {pct:.3g} | " + " | ".join(cells)
+        mark = " †" if r["earlier_defaults"] else ""
+        main.append(f"| {label(v)}{mark} | {seeds} | {pct:.3g} | " + " | ".join(cells)
                     + f" | {_fmt(r['average'])} | {size / 1e3:,.0f} kB |")
+    from diffprune.train import TrainConfig
+    now = TrainConfig()
+    notes = [label(v) + ": " + ", ".join(f"{k} {'/'.join(map(str, vals))} (now {getattr(now, k)})"
+                                         for k, vals in rows[v]["earlier_defaults"].items())
+             for v in order if rows[v]["earlier_defaults"]]
+    if notes:
+        main += ["", "† trained with an earlier default, not retrained since: " + "; ".join(notes)
+                 + "."]
     storage = ["| method | stored parameters (incl. head) | bytes per task | bits per stored "
                "value (all files) | position bits per nonzero | x smaller than a checkpoint |",
                "|---|---|---|---|---|---|",

@@ -1,0 +1,45 @@
+"""bench/report.py marks rows trained with an earlier default of a setting their method uses."""
+import importlib.util
+from pathlib import Path
+
+from diffprune.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("report", ROOT / "bench" / "report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+NOW = TrainConfig()
+
+
+def record(variant, method, task, score, **cfg):
+    config = {"method": method, "lr": NOW.lr, "lr_fixmask": NOW.lr_fixmask,
+              "lr_head": NOW.lr_head, **cfg}
+    return {"variant": variant, "task": task, "seed": 1, "score": score, "nnz": 10,
+            "total_params": 1010, "dense_params": 10, "stored_params": 20, "trainable_params": 30,
+            "artifact_bytes": 100, "position_bits_per_nnz": 8.0, "wall_time_s": 1.0,
+            "peak_memory_bytes": 2**20, "config": config}
+
+
+def test_only_settings_the_method_uses_are_compared_with_todays_defaults():
+    old = NOW.lr_fixmask / 5
+    assert report.earlier_defaults([record("diff-s-0.005", "diff", "a", 1, lr_fixmask=old)]) \
+        == {"lr_fixmask": [old]}
+    # full finetuning has no fixed-mask phase: its recorded lr_fixmask does not matter
+    assert report.earlier_defaults([record("full", "full", "a", 1, lr_fixmask=old)]) == {}
+    assert report.earlier_defaults([record("full", "full", "a", 1, lr_head=1.0)]) == \
+        {"lr_head": [1.0]}
+    assert report.earlier_defaults([record("diff-s-0.005", "diff", "a", 1)]) == {}
+
+
+def test_table_marks_the_stale_row_and_says_why():
+    old = NOW.lr_fixmask / 5
+    records = [record("full", "full", "a", 80.0, lr_fixmask=old),
+               record("diff-s-0.005", "diff", "a", 70.0, lr_fixmask=old),
+               record("diff-s-0.001", "diff", "a", 60.0)]
+    lines = report.tables(report.aggregate(records, ("a",)), ("a",), 4000)
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert "diff pruning, structured 0.5% †" in rows
+    assert "diff pruning, structured 0.1%" in rows and "full finetuning" in rows
+    notes = [line for line in lines if line.startswith("†")]
+    assert notes == [f"† trained with an earlier default, not retrained since: diff pruning, "
+                     f"structured 0.5%: lr_fixmask {old} (now {NOW.lr_fixmask})."]
