@@ -26,8 +26,9 @@ def label(variant: str) -> str:
 WATCHED = {"lr": ("diff",), "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
 
 
-def earlier_defaults(rs: list[dict]) -> dict[str, list]:
-    """{setting: [values]} where these runs differ from today's TrainConfig defaults."""
+def earlier_defaults(rs: list[dict]) -> dict[str, dict]:
+    """{setting: {"values": [...], "now": default}} where these runs differ from today's
+    TrainConfig defaults."""
     from diffprune.train import TrainConfig
     now, out = TrainConfig(), {}
     for r in rs:
@@ -36,7 +37,7 @@ def earlier_defaults(rs: list[dict]) -> dict[str, list]:
             if key in cfg and (methods is None or cfg.get("method") in methods) \
                     and cfg[key] != getattr(now, key):
                 out.setdefault(key, set()).add(cfg[key])
-    return {k: sorted(v) for k, v in out.items()}
+    return {k: {"values": sorted(v), "now": getattr(now, k)} for k, v in out.items()}
 
 
 def _mean(xs):
@@ -100,10 +101,8 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int) -> list[str]:
         mark = " †" if r["earlier_defaults"] else ""
         main.append(f"| {label(v)}{mark} | {seeds} | {pct:.3g} | " + " | ".join(cells)
                     + f" | {_fmt(r['average'])} | {size / 1e3:,.0f} kB |")
-    from diffprune.train import TrainConfig
-    now = TrainConfig()
-    notes = [label(v) + ": " + ", ".join(f"{k} {'/'.join(map(str, vals))} (now {getattr(now, k)})"
-                                         for k, vals in rows[v]["earlier_defaults"].items())
+    notes = [label(v) + ": " + ", ".join(f"{k} {'/'.join(map(str, e['values']))} (now {e['now']})"
+                                         for k, e in rows[v]["earlier_defaults"].items())
              for v in order if rows[v]["earlier_defaults"]]
     if notes:
         main += ["", "† trained with an earlier default, not retrained since: " + "; ".join(notes)

@@ -23,11 +23,11 @@ def record(variant, method, task, score, **cfg):
 def test_only_settings_the_method_uses_are_compared_with_todays_defaults():
     old = NOW.lr_fixmask / 5
     assert report.earlier_defaults([record("diff-s-0.005", "diff", "a", 1, lr_fixmask=old)]) \
-        == {"lr_fixmask": [old]}
+        == {"lr_fixmask": {"values": [old], "now": NOW.lr_fixmask}}
     # full finetuning has no fixed-mask phase: its recorded lr_fixmask does not matter
     assert report.earlier_defaults([record("full", "full", "a", 1, lr_fixmask=old)]) == {}
     assert report.earlier_defaults([record("full", "full", "a", 1, lr_head=1.0)]) == \
-        {"lr_head": [1.0]}
+        {"lr_head": {"values": [1.0], "now": NOW.lr_head}}
     assert report.earlier_defaults([record("diff-s-0.005", "diff", "a", 1)]) == {}
 
 
