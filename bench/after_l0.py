@@ -2,7 +2,7 @@
 
 Issue 7 asks that the model after the L0 phase alone (before projection) come within 2 points
 of full finetuning. Those comparisons were trained one `diffprune train` command at a time
-(commands in bench/README.md, "Session 5" and "Session 6"); this script reads their
+(commands in bench/README.md, "Session 5", "Session 6" and "Session 8"); this script reads their
 `results.json` files, copied to bench/results/after_l0/runs/NAME.json, and writes one row per
 run to bench/results/after_l0/results.md.
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent / "results" / "after_l0"
 COLUMNS = ("run", "task", "method", "seed", "train examples", "epochs (L0 + fixed mask)",
-           "after L0 / dense", "final", "E[density] after L0", "kept by delta / by fill", "lr (w or body) / head / controller warm-up")
+           "after L0 / dense", "final", "E[density] after L0", "kept by delta / by fill",
+           "lr (w or body) / head / controller warm-up")
 
 
 def _fmt(x, spec: str = ".2f") -> str:
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
     text = ("# Single runs behind the after-L0 comparisons (issue 7)\n\n"
             "Written by `python bench/after_l0.py` from the runs' `results.json` copies in "
             "`runs/`; the commands that trained them are in bench/README.md (\"Session 5\", "
-            "\"Session 6\"). Scores: the task's dev metric, percent; \"after L0 / dense\": the "
+            "\"Session 6\", \"Session 8\"). Scores: the task's dev metric, percent; "
+            "\"after L0 / dense\": the "
             "L0 phase's dev score for diff pruning, the (best-epoch) score for full "
             "finetuning.\n\n" + table(a.runs) + "\n")
     tmp = a.out.with_suffix(".tmp")
