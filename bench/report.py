@@ -185,14 +185,22 @@ def plot_nonzeros(records: list[dict], variant: str, path: Path) -> bool:
     return True
 
 
+def with_command(commands: list[str], command: str | None) -> list[str]:
+    """The commands that trained the runs, in the order they last ran: a command run again
+    (say, after its variant's old runs were moved aside to retrain it) moves to the end.
+    None (``--report-only``, which trains nothing) leaves the list as it is."""
+    if command is None:
+        return list(commands)
+    return [c for c in commands if c != command] + [command]
+
+
 def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile,
                  command: str | None, ckpt_bytes: int) -> None:
     rows = aggregate(records, tasks)
     old = out / "results.json"  # the commands that trained these runs, oldest first
     prev = json.loads(old.read_text()) if old.exists() else {}
-    commands = prev.get("commands") or ([prev["command"]] if "command" in prev else [])
-    if command and command not in commands:  # None: --report-only, it trained nothing
-        commands.append(command)
+    commands = with_command(prev.get("commands") or
+                            ([prev["command"]] if "command" in prev else []), command)
     (out / "results.json").write_text(json.dumps({"commands": commands, "tasks": list(tasks),
                                                   "full_checkpoint_bytes": ckpt_bytes,
                                                   "methods": rows}, indent=1))
@@ -204,7 +212,8 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
     train = (f"{profile.max_train_samples:,} seeded training examples per task"
              if profile.max_train_samples else "full training sets")
     text = ["# diffprune vs full finetuning, BitFit, LoRA and SHiRA (issue 4)", "",
-            "Commands (in the order they ran; a later one adds runs, finished ones are kept):",
+            "Commands (in the order they last ran; a later one adds runs, finished ones are "
+            "kept):",
             "", *[f"- `{c}`" for c in commands], "",
             f"Model: `{records[0]['config']['model'] if records else profile.model}`; {train}; "
             "max length 128; the `seeds` column gives how many seeds each score averages "

@@ -43,3 +43,10 @@ def test_table_marks_the_stale_row_and_says_why():
     notes = [line for line in lines if line.startswith("†")]
     assert notes == [f"† trained with an earlier default, not retrained since: diff pruning, "
                      f"structured 0.5%: lr_fixmask {old} (now {NOW.lr_fixmask})."]
+
+
+def test_a_command_run_again_moves_to_the_end_and_report_only_adds_nothing():
+    a, b, c = "compare --methods a", "compare --methods b", "compare --methods c"
+    assert report.with_command([a, b, c], a) == [b, c, a]
+    assert report.with_command([a, b], c) == [a, b, c]
+    assert report.with_command([a, b], None) == [a, b]
