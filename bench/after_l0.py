@@ -61,9 +61,8 @@ def main(argv=None) -> None:
             "Written by `python bench/after_l0.py` from the runs' `results.json` copies in "
             "`runs/`; the commands that trained them are in bench/README.md (\"Session 5\", "
             "\"Session 6\", \"Session 8\"). Scores: the task's dev metric, percent; "
-            "\"after L0 / dense\": the "
-            "L0 phase's dev score for diff pruning, the (best-epoch) score for full "
-            "finetuning.\n\n" + table(a.runs) + "\n")
+            "\"after L0 / dense\": the L0 phase's dev score for diff pruning, the (best-epoch) "
+            "score for full finetuning.\n\n" + table(a.runs) + "\n")
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(a.out)
