@@ -11,9 +11,10 @@ run to bench/results/after_l0/results.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from runs import table_main  # bench/runs.py
 
 HERE = Path(__file__).parent / "results" / "after_l0"
 COLUMNS = ("run", "task", "method", "seed", "train examples", "epochs (L0 + fixed mask)",
@@ -53,20 +54,14 @@ def table(runs: Path) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, default=HERE / "runs")
-    p.add_argument("--out", type=Path, default=HERE / "results.md")
-    a = p.parse_args(argv)
-    text = ("# Single runs behind the after-L0 comparisons (issue 7)\n\n"
-            "Written by `python bench/after_l0.py` from the runs' `results.json` copies in "
-            "`runs/`; the commands that trained them are in bench/README.md (\"Session 5\", "
-            "\"Session 6\", \"Session 8\"). Scores: the task's dev metric, percent; "
-            "\"after L0 / dense\": the L0 phase's dev score for diff pruning, the (best-epoch) "
-            "score for full finetuning.\n\n" + table(a.runs) + "\n")
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(a.out)
-    print(text)
+    table_main(argv, __doc__, HERE,
+               "# Single runs behind the after-L0 comparisons (issue 7)\n\n"
+               "Written by `python bench/after_l0.py` from the runs' `results.json` copies in "
+               "`runs/`; the commands that trained them are in bench/README.md (\"Session 5\", "
+               "\"Session 6\", \"Session 8\"). Scores: the task's dev metric, percent; "
+               "\"after L0 / dense\": the L0 phase's dev score for diff pruning, the (best-epoch) "
+               "score for full finetuning.\n\n",
+               table)
 
 
 if __name__ == "__main__":

@@ -90,16 +90,22 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
            "epochs": profile.epochs, "fixmask_epochs": profile.fixmask_epochs,
            "out": str(out / "tmp" / path.stem), "resume": True, **profile.extra,
            **variant_config(variant, profile)}
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)])
-    if proc.returncode != 0:
-        raise SystemExit(f"run {path.stem} failed (exit {proc.returncode}); rerun to resume")
-    results = json.loads((Path(cfg["out"]) / "results.json").read_text())
+    from diffprune.train import TrainConfig
+    from runs import reusable  # bench/runs.py
+    results = reusable(TrainConfig(**cfg), args.reuse or [])
+    if results is None:
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)])
+        if proc.returncode != 0:
+            raise SystemExit(f"run {path.stem} failed (exit {proc.returncode}); rerun to resume")
+        results = json.loads((Path(cfg["out"]) / "results.json").read_text())
     keep = ("task", "method", "seed", "score", "dev", "density", "nnz", "rank", "gated_params",
             "dense_params", "stored_params", "trainable_params", "total_params",
             "artifact_bytes", "position_bits_per_nnz", "wall_time_s", "peak_memory_bytes",
             "train_steps", "train_examples", "phases", "projection")
     record = {"variant": variant, **{k: results.get(k) for k in keep},
               "artifact": results["artifact"], "config": results["config"]}
+    if "reused_from" in results:
+        record["reused_from"] = results["reused_from"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
@@ -161,6 +167,10 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="train these seeds instead of the profile's (the report still covers "
                         "every finished run, each method's scores averaged over its seeds)")
+    p.add_argument("--reuse", nargs="+", metavar="DIR",
+                   help="directories of run JSONs (e.g. bench/results/lr_sweep/runs) whose runs "
+                        "with identical settings are taken instead of trained (the settings "
+                        "are compared, not the code: reuse only runs of the same code)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -189,7 +199,8 @@ def main() -> None:
         f"python bench/compare.py --profile {args.profile}"
         + (f" --model {args.model}" if args.model else "")
         + (f" --methods {' '.join(args.methods)}" if args.methods else "")
-        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""))
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+        + (f" --reuse {' '.join(args.reuse)}" if args.reuse else ""))
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from diffprune.cli import tune_allocator
 from diffprune.train import TrainConfig, train
+from runs import reusable  # bench/runs.py
 
 OUT = Path(__file__).parent / "results" / "mask_quality"
 KEEP = ("task", "method", "seed", "score", "dev", "density", "nnz", "artifact_bytes",
@@ -34,36 +35,6 @@ def out_dir(args) -> Path:
 
 def run_path(task: str, method: str, seed: int, args) -> Path:
     return out_dir(args) / "runs" / f"{task}-{method}-d{args.density}-s{seed}.json"
-
-
-# Settings that only the L0 phase reads: they cannot change a run of another method.
-L0_ONLY = ("lr", "lr_gate", "sparsity", "l0_lambda", "controller_warmup", "controller_schedule",
-           "gate_grad", "projection", "gate_update", "init_log_alpha", "dense_warmup",
-           "gate_init", "gate_init_scale", "gate_step_in_backward")
-
-
-def _settings(cfg: TrainConfig) -> dict:
-    out = cfg.fingerprint()
-    out.pop("data_dir", None)
-    if cfg.method != "diff":
-        for k in L0_ONLY:
-            out.pop(k, None)
-    return out
-
-
-def reusable(cfg: TrainConfig, dirs: list[str]) -> dict | None:
-    """A finished run JSON (with its config) under ``dirs`` trained exactly as ``cfg`` would
-    be: same settings (everything but output paths, the resume switch, the data directory
-    and, for methods without an L0 phase, the L0 phase's settings)."""
-    want = _settings(cfg)
-    for d in dirs:
-        for f in sorted(Path(d).glob("*.json")):
-            record = json.loads(f.read_text())
-            if "config" not in record:
-                continue
-            if _settings(TrainConfig(**record["config"])) == want:
-                return {**record, "reused_from": str(f)}
-    return None
 
 
 def run_one(task: str, method: str, seed: int, args) -> dict:

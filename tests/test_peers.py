@@ -103,3 +103,12 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
         "", " --methods bitfit --seeds 2", " --methods diff-u-0.01"]
     bad = subprocess.run(cmd + ["--methods", "diff-x-0.5"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown method variant(s) ['diff-x-0.5']" in bad.stderr
+    # --reuse takes a finished run with the same settings from elsewhere instead of training
+    other = tmp_path / "other"
+    cmd_other = [c if c != str(out) else str(other) for c in cmd]
+    subprocess.run(cmd_other + ["--methods", "bitfit", "--reuse", str(out / "runs")],
+                   check=True, capture_output=True)
+    taken = json.loads((other / "runs" / "sst2-bitfit-s1.json").read_text())
+    assert taken["reused_from"] == str(out / "runs" / "sst2-bitfit-s1.json")
+    assert taken["score"] == runs["sst2-bitfit-s1"]["score"]
+    assert not (other / "tmp" / "sst2-bitfit-s1").exists()  # nothing was trained

@@ -101,8 +101,10 @@ class TrainConfig:
     """Learning rate of log_alpha; default max(0.1, 100 / gated L0 steps): a gate with steady
     evidence can move ~50 logits over the phase however short it is (paper: 0.1, over tens
     of thousands of steps; 0.1 over 250 steps leaves the gates unseparated, bench/README.md)."""
-    lr_adapter: float = 5e-4
-    """Learning rate of LoRA / SHiRA adapter weights (LoRA paper, RoBERTa-base GLUE: 4e-4-5e-4)."""
+    lr_adapter: float = 1e-3
+    """Learning rate of LoRA / SHiRA adapter weights. LoRA's best of 5e-4 (the LoRA paper's
+    RoBERTa-base GLUE rate), 1e-3 and 2e-3 on the quick benchmark's sets (bench/README.md,
+    session 9); SHiRA wants more (bench/compare.py sets its rate)."""
     peft_rank: int | None = None
     """Rank r of LoRA / SHiRA; default: the r whose trainable parameters come nearest to
     --density of the base model."""
