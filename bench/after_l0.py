@@ -11,7 +11,6 @@ run to bench/results/after_l0/results.md.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from runs import table_main  # bench/runs.py
@@ -44,10 +43,8 @@ def row(name: str, r: dict) -> list[str]:
             epochs, _fmt(first["dev"]["score"]), _fmt(final), _fmt(density, ".5f"), kept, rates]
 
 
-def table(runs: Path) -> str:
-    rows = [row(p.stem, json.loads(p.read_text())) for p in sorted(runs.glob("*.json"))]
-    if not rows:
-        raise SystemExit(f"no results JSON files in {runs}")
+def table(runs: list[tuple[str, dict]]) -> str:
+    rows = [row(name, r) for name, r in runs]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

@@ -93,9 +93,11 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
            "epochs": profile.epochs, "fixmask_epochs": profile.fixmask_epochs,
            "out": str(out / "tmp" / path.stem), "resume": True, **profile.extra,
            **variant_config(variant, profile)}
-    from diffprune.train import TrainConfig
-    from runs import reusable  # bench/runs.py
-    results = reusable(TrainConfig(**cfg), args.reuse or [])
+    results = None
+    if args.reuse:
+        from diffprune.train import TrainConfig
+        from runs import reusable  # bench/runs.py
+        results = reusable(TrainConfig(**cfg), args.reuse)
     if results is None:
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)])
         if proc.returncode != 0:

@@ -13,7 +13,6 @@ full finetuning and BitFit), the dev score per task and the average where every 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from runs import table_main  # bench/runs.py
@@ -50,11 +49,8 @@ def pivot(runs: list[dict]) -> tuple[list[str], dict[tuple, dict[str, float]]]:
     return tasks, rows
 
 
-def table(runs_dir: Path) -> str:
-    runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
-    if not runs:
-        raise SystemExit(f"no results JSON files in {runs_dir}")
-    tasks, rows = pivot(runs)
+def table(runs: list[tuple[str, dict]]) -> str:
+    tasks, rows = pivot([r for _, r in runs])
     head = ["method", "rate", "seed", "train examples", *tasks, "average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in sorted(rows, key=lambda k: (k[0], k[3], k[4], k[2])):

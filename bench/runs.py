@@ -46,14 +46,18 @@ def reusable(cfg, dirs: list[str]) -> dict | None:
 
 def table_main(argv, doc: str, here: Path, heading: str, table) -> None:
     """The command line of a script that tabulates a directory of run JSONs: ``--runs DIR``
-    (default here/runs) and ``--out FILE`` (default here/results.md, written atomically);
-    ``heading`` goes above ``table(runs_dir)``, and the whole is printed too."""
+    (default here/runs) and ``--out FILE`` (default here/results.md, written atomically).
+    ``table`` gets [(file stem, run record)] sorted by file name; ``heading`` goes above its
+    table, and the whole is printed too."""
     import argparse
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--runs", type=Path, default=here / "runs")
     p.add_argument("--out", type=Path, default=here / "results.md")
     a = p.parse_args(argv)
-    text = heading + table(a.runs) + "\n"
+    runs = [(f.stem, json.loads(f.read_text())) for f in sorted(a.runs.glob("*.json"))]
+    if not runs:
+        raise SystemExit(f"no results JSON files in {a.runs}")
+    text = heading + table(runs) + "\n"
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(a.out)
