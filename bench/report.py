@@ -219,8 +219,10 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
             "max length 128; the `seeds` column gives how many seeds each score averages "
             "(mean ± sd where more than one); diff pruning and magnitude "
             f"{profile.epochs} + {profile.fixmask_epochs} epochs, the single-phase methods "
-            f"(full, BitFit, LoRA, SHiRA) {profile.epochs + profile.fixmask_epochs} epochs, so "
-            "every method takes the same number of steps. Scores: each task's official dev "
+            f"(full, BitFit, LoRA, SHiRA) {profile.single} epochs"
+            + (", so every method takes the same number of steps" if profile.single_epochs is None
+               else " (the paper's epochs: diff pruning takes twice the steps)")
+            + ". Scores: each task's official dev "
             "metric (mean of its metrics), percent. `% params per task`: parameters a task "
             "stores beyond the base, as a share of the base (the dense task head, the same "
             "for every method, is stored too and counted in the byte columns).", "",

@@ -168,3 +168,50 @@ def test_cpu_noise_skips_gates_the_noise_cannot_change(temperature, monkeypatch)
     assert torch.allclose(theta, ref, atol=1e-6)
     for x, y in ((w.grad, w2.grad), (a.grad, a2.grad), (zg.grad, zg2.grad)):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
+
+
+@pytest.mark.parametrize("expected_grad", [False, True])
+def test_cpu_noise_keeps_mostly_clamped_spans_of_z(expected_grad, monkeypatch):
+    """Spans where most of z is 0 or most is 1 (fresh gates, or gates shut by the
+    controller) are kept as fill value + exceptions instead of being redrawn in backward;
+    a mixed span is redrawn. Either way theta and the gradients equal the plain
+    formulation's with the same noise, and the mostly-clamped spans draw nothing in backward."""
+    monkeypatch.setattr(fused, "CHUNK", 100)
+    torch.manual_seed(0)
+    n = 600
+    a0 = torch.cat([5 + 0.3 * torch.randn(200),  # mostly 1: two spans with fill 1
+                    torch.full((200,), -6.0),  # mostly 0: two spans with fill 0 ...
+                    torch.randn(200) * 0.5])  # mixed: replayed
+    a0[[210, 250, 333]] = 40.0  # ... with a few gates open for sure
+    theta0, w0, upstream = torch.randn(n), torch.randn(n) * 0.1, torch.randn(n)
+    kept, replays = [], []
+    real_of = fused._SparseZ.of
+    monkeypatch.setattr(fused._SparseZ, "of", staticmethod(
+        lambda z: kept.append(real_of(z)) or kept[-1]))
+    noise = gates.CpuNoise(4)
+    saved = noise.get_state()
+    w, a = w0.clone().requires_grad_(), a0.clone().requires_grad_()
+    zg = torch.tensor(0.9, requires_grad=True)
+    theta = GatedDelta.apply(theta0, w, a, torch.tensor(0.0), zg, -1.5, 1.5, 1.0, True,
+                             expected_grad, noise)
+    real_set_state = gates.CpuNoise.set_state
+    monkeypatch.setattr(gates.CpuNoise, "set_state",
+                        lambda self, s: replays.append(1) or real_set_state(self, s))
+    (theta * upstream).sum().backward()
+    assert [k is not None for k in kept] == [True] * 4 + [False] * 2
+    assert [k.fill for k in kept[:4]] == [1.0, 1.0, 0.0, 0.0]
+    assert all(0 < len(k.idx) <= 25 for k in kept[:4])
+    assert len(replays) == 2  # only the mixed spans drew their noise again
+    again = real_set_state(gates.CpuNoise(), saved)
+    u = torch.cat([again.uniform((100,), torch.float32) for _ in range(6)])
+    w2, a2 = w0.clone().requires_grad_(), a0.clone().requires_grad_()
+    zg2 = torch.tensor(0.9, requires_grad=True)
+    z = gates.sample_gate(a2, u=u)
+    if expected_grad:  # the surrogate: d/da P(z != 0) in place of dz/da
+        p = torch.sigmoid(a2)
+        z = z.detach() + (p - p.detach())
+    ref = theta0 + z * zg2 * w2
+    (ref * upstream).sum().backward()
+    assert torch.equal(theta, ref.detach()) or torch.allclose(theta, ref, atol=1e-6)
+    for x, y in ((w.grad, w2.grad), (a.grad, a2.grad), (zg.grad, zg2.grad)):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()

@@ -112,3 +112,19 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
     assert taken["reused_from"] == str(out / "runs" / "sst2-bitfit-s1.json")
     assert taken["score"] == runs["sst2-bitfit-s1"]["score"]
     assert not (other / "tmp" / "sst2-bitfit-s1").exists()  # nothing was trained
+
+
+def test_compare_profiles_epochs_rule():
+    """Single-phase methods take both diff-pruning phases' epochs (equal steps), except in a
+    profile that sets its own, as quick-paper does with the paper's 3 + 3 against 3."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    quick, paper = compare.PROFILES["quick"], compare.PROFILES["quick-paper"]
+    assert compare.variant_config("full", quick)["epochs"] == 4
+    assert compare.variant_config("lora", quick)["epochs"] == 4
+    assert compare.variant_config("full", paper)["epochs"] == 3
+    assert (paper.epochs, paper.fixmask_epochs) == (3, 3)
+    assert "epochs" not in compare.variant_config("diff-s-0.005", paper)  # the profile's 3 + 3
