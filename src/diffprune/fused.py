@@ -2,13 +2,12 @@
 
 Plain autograd keeps every intermediate of the gate (noise, pre-sigmoid, sigmoid, stretched,
 clamped) for backward. This Function keeps none of them at their full size. With numpy's
-noise (gates.CpuNoise, the CPU default) each chunk of the sampled gate z is kept in a compact
-exact form when most of it is 0 or 1, as it is at the start of the L0 phase and once the gates
-have separated (_SparseZ: the clamp value most entries share plus the rest by position);
-otherwise backward draws the same noise again and recomputes z, as it always does with a torch
-generator (the test-time gate needs no noise), in chunks that stay in cache. Inside the
-unclamped region
-the sigmoid value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) /
+noise (gates.CpuNoise, the CPU default) a chunk of the sampled gate z that needed noise for
+every entry is kept in a compact exact form when nearly all of it is 0 or 1, as at the start of
+the L0 phase (_SparseZ: the clamp value most entries share plus the rest by position);
+otherwise backward draws the same noise again (only where it was drawn) and recomputes z, as
+it always does with a torch generator (the test-time gate needs no noise), in chunks that stay
+in cache. Inside the unclamped region the sigmoid value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) /
 temperature, and it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate
 (tested against it).
 
@@ -54,6 +53,9 @@ def _gate(log_alpha: torch.Tensor, shift: torch.Tensor, left: float, right: floa
 _LOGIT_MAX = math.log((1 - _U_EPS) / _U_EPS)
 _MARGIN = 0.01  # logits of slack around the band, far above float rounding
 _DENSE_FRACTION = 0.25  # above this share of uncertain gates in a span, draw for all of it
+# z of a span is kept (_SparseZ) when at most this share of it differs from its fill value:
+# at most 1.2 bytes per entry (int64 position + float32 value), 27 MB for MiniLM's 22.7M gates
+_KEEP_FRACTION = 0.1
 
 
 def _logit(p: float) -> float:
@@ -85,12 +87,12 @@ class _SparseZ:
 
     @staticmethod
     def of(z: torch.Tensor) -> "_SparseZ | None":
-        """z (a CPU span) in this form when at most _DENSE_FRACTION of it differs from 0 or
-        from 1, else None (keeping it would cost more memory than replaying its noise costs
-        time). sum(z) bounds both counts from below, so a span that cannot qualify costs one
-        pass; numpy finds the positions about 4x faster than torch.nonzero here."""
+        """z (a CPU span) in this form when at most _KEEP_FRACTION of it differs from 0 or
+        from 1, else None (its noise is replayed instead). sum(z) bounds both counts from
+        below, so a span that cannot qualify costs one pass; numpy finds the positions about
+        4x faster than torch.nonzero here."""
         n = z.numel()
-        limit = _DENSE_FRACTION * n
+        limit = _KEEP_FRACTION * n
         total = float(z.sum())  # <= #(z != 0), and n - total <= #(z != 1), as 0 <= z <= 1
         fill = 0.0 if total <= limit else 1.0 if n - total <= limit else None
         if fill is None:
@@ -174,7 +176,8 @@ class GatedDelta(torch.autograd.Function):
 
     Nothing of size N is kept for backward. The deterministic gate is a function of log_alpha;
     for the sampled one the noise generator's state before sampling is saved (``generator``,
-    else the device's global one) and backward draws the same noise again (bit-identical z).
+    else the device's global one) and backward draws the same noise again (bit-identical z),
+    except for the CPU spans kept as _SparseZ.
     Both passes work in chunks of ``CHUNK`` elements, drawing the noise chunk by chunk in the
     same order, so no temporary is larger than a chunk.
 
