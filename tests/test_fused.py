@@ -1,4 +1,9 @@
 """The fused gate (fused.GatedDelta) equals the plain autograd formulation."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -215,3 +220,34 @@ def test_cpu_noise_keeps_mostly_clamped_spans_of_z(expected_grad, monkeypatch):
     assert torch.equal(theta, ref.detach()) or torch.allclose(theta, ref, atol=1e-6)
     for x, y in ((w.grad, w2.grad), (a.grad, a2.grad), (zg.grad, zg2.grad)):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
+
+
+def test_kept_z_and_replayed_noise_give_identical_steps(monkeypatch):
+    """fused.KEEP_Z (bench/gate_cost.py's switch) changes the cost, never the result: theta
+    and every gradient are bit-identical with z kept and with the noise replayed."""
+    monkeypatch.setattr(fused, "CHUNK", 100)
+    torch.manual_seed(0)
+    a0 = torch.cat([torch.full((300,), 5.0), torch.full((200,), -5.3), torch.zeros(100)])
+    theta0, w0, upstream = torch.randn(600), torch.randn(600) * 0.1, torch.randn(600)
+
+    def run(keep: bool):
+        monkeypatch.setattr(fused, "KEEP_Z", keep)
+        w, a = w0.clone().requires_grad_(), a0.clone().requires_grad_()
+        zg = torch.tensor(0.8, requires_grad=True)
+        theta = GatedDelta.apply(theta0, w, a, torch.tensor(0.0), zg, -1.5, 1.5, 1.0, True,
+                                 True, gates.CpuNoise(9))
+        (theta * upstream).sum().backward()
+        return theta, w.grad, a.grad, zg.grad
+
+    for x, y in zip(run(True), run(False)):
+        assert torch.equal(x, y)
+
+
+def test_gate_cost_bench_writes_its_table(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gate_cost.py"
+    subprocess.run([sys.executable, str(script), "--n", "3000", "--steps", "1", "--out",
+                    str(tmp_path)], check=True, capture_output=True)
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| ") == 5  # header and the four gate states
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert all(r["kept_ms"] > 0 and r["replayed_ms"] > 0 for r in rows)

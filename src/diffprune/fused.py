@@ -56,6 +56,7 @@ _DENSE_FRACTION = 0.25  # above this share of uncertain gates in a span, draw fo
 # z of a span is kept (_SparseZ) when at most this share of it differs from its fill value:
 # at most 1.2 bytes per entry (int64 position + float32 value), 27 MB for MiniLM's 22.7M gates
 _KEEP_FRACTION = 0.1
+KEEP_Z = True  # False: always replay the noise (bench/gate_cost.py measures both)
 
 
 def _logit(p: float) -> float:
@@ -212,7 +213,7 @@ class GatedDelta(torch.autograd.Function):
                 for s in _spans(out.numel(), CHUNK):
                     zs = _gate(af[s], shift, left, right, temperature, stochastic,
                                generator, plan)
-                    if plan and plan[-1].state is not None:  # drawn for the whole span:
+                    if KEEP_Z and plan and plan[-1].state is not None:  # drawn for all:
                         plan[-1] = _SparseZ.of(zs) or plan[-1]  # keep z instead, if compact
                     zs.mul_(zg)
                     if out.dtype == wf.dtype:
