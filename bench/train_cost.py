@@ -6,14 +6,17 @@ gate, density controller), from freshly initialised gates (every gate's sample d
 noise: the first steps) and, structured, with separated gates (2.5% still open to the noise,
 as at the end of a real L0 phase: on CPU no random numbers are drawn for the others); the
 fixed-mask phase at 0.5%. Each configuration runs in its own
-child process so that its peak resident memory (ru_maxrss) is its own; step time is the median
-over the timed steps after warm-up. Peak memory is reported twice: over the whole process
+child process so that its peak resident memory (ru_maxrss) is its own. The processes take
+their training steps in turn, one step each, one process computing at a time: this machine's
+speed drifts by tens of percent over minutes, and stepping in turn makes every configuration
+meet the same drift (separate runs one after another, or rounds of them, did not: the same
+code measured 1.09x and 1.24x). Step time is the median over the timed steps after warm-up.
+Peak memory is reported twice: over the whole process
 (setup included) and over the training steps alone (Linux: the peak counter VmHWM is reset
 through /proc/self/clear_refs once the model and optimizer are set up). Prints and writes
 ratios to full finetuning.
 
   python bench/train_cost.py --batch-sizes 8 32 --length 128 [--model DIR] [--steps 10]
-      [--rounds 3]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "train_cost"
 CONFIGS = ("full", "l0_structured", "l0_unstructured", "l0_structured_separated", "fixmask")
+WARMUP = 3  # untimed steps of each configuration
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
 # (STS-B, 1,000 examples, 0.5%: 2.5%); the *_separated configuration sets the gates so.
 UNSURE_SHARE = 0.025
@@ -62,7 +66,8 @@ def _separate_gates(state) -> None:
             a.copy_(torch.where(unsure, torch.rand(a.shape, generator=g) * 28 - 13, -25.0))
 
 
-def _measure(config: str, model_name: str, batch: int, length: int, steps: int, queue) -> None:
+def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
+    """The model, optimizer and batch of one configuration, and its training step."""
     import torch
 
     import diffprune as dp
@@ -74,7 +79,6 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
     torch.manual_seed(0)
     model, _ = load_model(model_name, {"num_labels": 2})
     model.train()
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     controller = None
     if config == "full":
         opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
@@ -89,41 +93,67 @@ def _measure(config: str, model_name: str, batch: int, length: int, steps: int, 
             if dp.expected_density(model) == 0:
                 dp.random_mask_(model, density=0.005)
         else:
-            controller = dp.DensityController(0.005, total_steps=steps + 3)
+            controller = dp.DensityController(0.005, total_steps=steps + WARMUP)
         opt = torch.optim.AdamW(dp.param_groups(model, 2e-4, 0.1, 1e-4), fused=True)
         if controller is not None:  # as the trainer does in one process: gates step in backward
             dp.get_state(model).gate_step = GateStep(opt)
     vocab = model.config.vocab_size
     ids = torch.randint(1000, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 2, (batch,))
-    times = []
-    reset = _reset_peak()
-    for i in range(steps + 3):
+    clipped = [p for g in opt.param_groups for p in g["params"] if g.get("name") not in GATE_GROUPS]
+
+    def step() -> float:
         start = time.perf_counter()
         if controller is not None:
             controller.step(model)
         model(input_ids=ids, labels=labels).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]
-                                        if g.get("name") not in GATE_GROUPS], 1.0)
+        torch.nn.utils.clip_grad_norm_(clipped, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    queue.put({"config": config, "step_s": statistics.median(times),
+        return time.perf_counter() - start
+    return step
+
+
+def _worker(config: str, model_name: str, batch: int, length: int, steps: int, conn) -> None:
+    """Child process of one configuration: set up, then one training step per "step" message
+    (answering its time), and its peak memory on "done"."""
+    step = _setup(config, model_name, batch, length, steps)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = _reset_peak()
+    conn.send("ready")
+    while conn.recv() == "step":
+        conn.send(step())
+    conn.send({"config": config,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "rss_after_load_mb": rss_loaded / 1024,
+               "rss_after_setup_mb": rss_loaded / 1024,
                "peak_train_rss_mb": _peak_mb() if reset else None})
 
 
-def measure(config: str, args, batch: int) -> dict:
+def measure_all(args, batch: int) -> dict[str, dict]:
+    """Every configuration in its own child process, stepped in turn (one process computes
+    at a time), so that the machine's drift over minutes falls on all of them alike."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(config, args.model, batch, args.length,
-                                              args.steps, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    workers = {}
+    for c in CONFIGS:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(c, args.model, batch, args.length, args.steps,
+                                                 child))
+        proc.start()
+        assert parent.recv() == "ready"  # set up one at a time: loading is not timed
+        workers[c] = (proc, parent)
+    times = {c: [] for c in CONFIGS}
+    for i in range(WARMUP + args.steps):
+        for c, (_, conn) in workers.items():
+            conn.send("step")
+            t = conn.recv()
+            if i >= WARMUP:
+                times[c].append(t)
+    results = {}
+    for c, (proc, conn) in workers.items():
+        conn.send("done")
+        results[c] = dict(conn.recv(), step_s=statistics.median(times[c]), step_s_all=times[c])
+        proc.join()
+    return results
 
 
 def _ratio(x: float | None, y: float | None) -> float | None:
@@ -140,18 +170,10 @@ def main() -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="measure every configuration this many times, interleaved, and keep "
-                        "each one's fastest median step (noise on a shared machine only adds)")
     args = p.parse_args()
     rows = []
     for batch in args.batch_sizes:
-        runs = {c: [] for c in CONFIGS}
-        for _ in range(args.rounds):
-            for c in CONFIGS:
-                runs[c].append(measure(c, args, batch))
-        results = {c: dict(min(rs, key=lambda r: r["step_s"]),
-                           step_s_all=[r["step_s"] for r in rs]) for c, rs in runs.items()}
+        results = measure_all(args, batch)
         base = results["full"]
         for c, r in results.items():
             r.update(batch=batch, length=args.length, time_ratio=r["step_s"] / base["step_s"],
@@ -168,7 +190,8 @@ def main() -> None:
     (OUT / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
              "", f"Model {args.model}, length {args.length}, median of {args.steps} steps "
-             f"after 3 warm-up steps (the fastest of {args.rounds} interleaved rounds); peak RSS of a child process per configuration, over the "
+             f"after {WARMUP} warm-up steps, the configurations' processes stepping in turn; "
+             "peak RSS of a child process per configuration, over the "
              "whole process and over the training steps alone (peak counter reset after "
              "setup).", "",
              "| batch | configuration | ms / step | x full | peak RSS MB | x full "
