@@ -100,7 +100,8 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     vocab = model.config.vocab_size
     ids = torch.randint(1000, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 2, (batch,))
-    clipped = [p for g in opt.param_groups for p in g["params"] if g.get("name") not in GATE_GROUPS]
+    clipped = [p for g in opt.param_groups for p in g["params"]
+               if g.get("name") not in GATE_GROUPS]
 
     def step() -> float:
         start = time.perf_counter()

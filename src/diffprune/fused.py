@@ -7,9 +7,9 @@ every entry is kept in a compact exact form when nearly all of it is 0 or 1, as 
 the L0 phase (_SparseZ: the clamp value most entries share plus the rest by position);
 otherwise backward draws the same noise again (only where it was drawn) and recomputes z, as
 it always does with a torch generator (the test-time gate needs no noise), in chunks that stay
-in cache. Inside the unclamped region the sigmoid value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) /
-temperature, and it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate
-(tested against it).
+in cache. Inside the unclamped region the sigmoid value is s = (z - l) / (r - l), so
+dz/dlog_alpha = (r - l) * s * (1 - s) / temperature, and it is 0 where z is clamped at 0 or 1.
+Same maths as gates.sample_gate (tested against it).
 
 ``expected_grad=True`` swaps that sampled derivative for the derivative of the probability
 that the gate is open, d/da P(z != 0) = sigma'(a - c) (a smoothed, always-positive surrogate
@@ -92,6 +92,8 @@ class _SparseZ:
         from 1, else None (its noise is replayed instead). sum(z) bounds both counts from
         below, so a span that cannot qualify costs one pass; numpy finds the positions about
         4x faster than torch.nonzero here."""
+        if z.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
+            return None
         n = z.numel()
         limit = _KEEP_FRACTION * n
         total = float(z.sum())  # <= #(z != 0), and n - total <= #(z != 1), as 0 <= z <= 1
