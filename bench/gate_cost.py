@@ -1,14 +1,15 @@
 """The fused gate's own cost: forward + backward of fused.GatedDelta over N gates (issue 5).
 
-On CPU the gate noise comes from numpy's PCG64 (gates.CpuNoise) and costs more than any other
-part of the gate. A span of z that needed noise for every entry and came out nearly all 0 or
-all 1 is kept exactly for backward (fused._SparseZ) instead of having its noise drawn again.
-This script measures what that saves, with gates in the states a real L0 phase passes through:
+Three ways on CPU, each exact: the compiled kernels with counter-based noise (counter.py, the
+default); numpy's PCG64 stream (gates.CpuNoise) with z kept where it is compact
+(fused._SparseZ: a span that needed noise for every entry and came out nearly all 0 or all 1);
+the same stream replayed in backward everywhere. They are measured with gates in the states
+a real L0 phase passes through:
 fresh (log_alpha 5, the paper's start), shut by the density controller to 0.5% before they
 separate (every logit at -5.3), half open (0: nothing is kept), and separated (2.5% of the
 logits spread over the band where the noise decides, the rest shut; noise is drawn only for
-those, so nothing is kept either). The two variants alternate step by step in one process,
-so that this machine's drift over minutes falls on both alike; the median of each is kept.
+those, so nothing is kept either). The variants take their steps in turn in one process, so
+that this machine's drift over minutes falls on all alike; the median of each is kept.
 
   python bench/gate_cost.py [--n 22713216] [--steps 12] [--out DIR]
 """
@@ -23,11 +24,14 @@ from pathlib import Path
 
 import torch
 
-from diffprune import fused
+from diffprune import counter, fused
 from diffprune.gates import CpuNoise
 
 OUT = Path(__file__).parent / "results" / "gate_cost"
 UNSURE_SHARE = 0.025  # as in bench/train_cost.py's separated configuration
+# name: (counter.ENABLED, fused.KEEP_Z); ratios are to the first
+VARIANTS = {"counter": (True, True), "stream_kept": (False, True),
+            "stream_replayed": (False, False)}
 
 
 def states(n: int) -> dict[str, torch.Tensor]:
@@ -61,30 +65,31 @@ def main() -> None:
     rows = []
     for name, logits in states(args.n).items():
         a = logits.requires_grad_()
-        times = {True: [], False: []}
-        for i in range(2 * args.steps + 2):  # two warm-up steps
-            fused.KEEP_Z = bool(i % 2)
-            ms = step_ms(theta0, w, a, zg, upstream, noise)
-            if i >= 2:
-                times[fused.KEEP_Z].append(ms)
-        fused.KEEP_Z = True
-        kept, replayed = statistics.median(times[True]), statistics.median(times[False])
-        rows.append({"state": name, "kept_ms": kept, "replayed_ms": replayed,
-                     "ratio": kept / replayed, "kept_all": times[True],
-                     "replayed_all": times[False]})
-        print(f"{name:32s} z kept {kept:7.1f} ms, noise replayed {replayed:7.1f} ms "
-              f"({kept / replayed:.2f}x)", flush=True)
+        times = {v: [] for v in VARIANTS}
+        for i in range(args.steps + 2):  # two warm-up rounds (the first compiles)
+            for variant, (counter.ENABLED, fused.KEEP_Z) in VARIANTS.items():
+                ms = step_ms(theta0, w, a, zg, upstream, noise)
+                if i >= 2:
+                    times[variant].append(ms)
+        counter.ENABLED, fused.KEEP_Z = VARIANTS["counter"]
+        ms = {v: statistics.median(t) for v, t in times.items()}
+        rows.append({"state": name, **{f"{v}_ms": m for v, m in ms.items()},
+                     **{f"{v}_all": t for v, t in times.items()}})
+        print(f"{name:32s} " + ", ".join(f"{v} {m:7.1f} ms" for v, m in ms.items()), flush=True)
     command = " ".join(["python", "bench/gate_cost.py"] + sys.argv[1:])  # as it was given
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"command": command, "n": args.n,
                                                   "rows": rows}, indent=1))
-    lines = ["# The fused gate's forward + backward: z kept vs noise replayed (issue 5)", "",
-             f"Command: `{command}`", "", f"{args.n:,} gates in CPU spans of {fused.CHUNK:,}; "
-             f"median of {args.steps} steps per variant, the variants alternating step by step.",
-             "", "| gates | z kept where compact, ms | noise always replayed, ms | ratio |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['state']} | {r['kept_ms']:.1f} | {r['replayed_ms']:.1f} | "
-              f"{r['ratio']:.2f} |" for r in rows]
+    lines = ["# The fused gate's forward + backward: compiled counter-noise kernels vs the "
+             "numpy stream (issue 5)", "", f"Command: `{command}`", "",
+             f"{args.n:,} gates; kernels in spans of {counter.CHUNK:,}, the stream in spans of "
+             f"{fused.CHUNK:,}; median of {args.steps} steps per variant, the variants taking "
+             "their steps in turn.", "",
+             "| gates | counter kernels, ms | stream, z kept where compact, ms | stream, noise "
+             "replayed, ms | kernels / z kept |", "|---|---|---|---|---|"]
+    lines += [f"| {r['state']} | {r['counter_ms']:.1f} | {r['stream_kept_ms']:.1f} | "
+              f"{r['stream_replayed_ms']:.1f} | {r['counter_ms'] / r['stream_kept_ms']:.2f}x |"
+              for r in rows]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 

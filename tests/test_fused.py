@@ -7,9 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffprune import gates
-from diffprune import fused
+from diffprune import counter, fused, gates
 from diffprune.fused import GatedDelta
+
+
+@pytest.fixture
+def stream(monkeypatch):
+    """The numpy stream (gates.CpuNoise) instead of counter.py's kernels on CPU."""
+    monkeypatch.setattr(counter, "ENABLED", False)
 
 
 @pytest.mark.parametrize("chunk", [None, 500])
@@ -99,7 +104,7 @@ def test_recomputed_noise_matches_stored_gate(expected_grad, chunk, monkeypatch)
 
 
 @pytest.mark.parametrize("chunk", [None, 64])
-def test_cpu_noise_is_replayed_in_backward(chunk, monkeypatch):
+def test_cpu_noise_is_replayed_in_backward(chunk, monkeypatch, stream):
     """gates.CpuNoise (numpy PCG64), the CPU default: backward replays the forward's noise
     from the saved state, span by span; gradients equal the plain formulation's with that
     noise, and the saved state restores the stream exactly."""
@@ -131,7 +136,7 @@ def test_cpu_noise_is_replayed_in_backward(chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2 / 3])
-def test_cpu_noise_skips_gates_the_noise_cannot_change(temperature, monkeypatch):
+def test_cpu_noise_skips_gates_the_noise_cannot_change(temperature, monkeypatch, stream):
     """Gates with logits far outside the band are 0 or 1 whatever the noise: no number is
     drawn for them, and the sample (theta, gradients) equals the plain formulation's with
     the drawn numbers at the uncertain entries in order (any u elsewhere)."""
@@ -176,7 +181,7 @@ def test_cpu_noise_skips_gates_the_noise_cannot_change(temperature, monkeypatch)
 
 
 @pytest.mark.parametrize("expected_grad", [False, True])
-def test_cpu_noise_keeps_mostly_clamped_spans_of_z(expected_grad, monkeypatch):
+def test_cpu_noise_keeps_mostly_clamped_spans_of_z(expected_grad, monkeypatch, stream):
     """Spans where most of z is 0 or most is 1 (fresh gates, or gates shut by the
     controller) are kept as fill value + exceptions instead of being redrawn in backward;
     a mixed span is redrawn. Either way theta and the gradients equal the plain
@@ -222,7 +227,7 @@ def test_cpu_noise_keeps_mostly_clamped_spans_of_z(expected_grad, monkeypatch):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
 
 
-def test_kept_z_and_replayed_noise_give_identical_steps(monkeypatch):
+def test_kept_z_and_replayed_noise_give_identical_steps(monkeypatch, stream):
     """fused.KEEP_Z (bench/gate_cost.py's switch) changes the cost, never the result: theta
     and every gradient are bit-identical with z kept and with the noise replayed."""
     monkeypatch.setattr(fused, "CHUNK", 100)
@@ -250,4 +255,5 @@ def test_gate_cost_bench_writes_its_table(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| ") == 5  # header and the four gate states
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert all(r["kept_ms"] > 0 and r["replayed_ms"] > 0 for r in rows)
+    assert all(r[f"{v}_ms"] > 0 for r in rows
+               for v in ("counter", "stream_kept", "stream_replayed"))

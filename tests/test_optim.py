@@ -59,19 +59,22 @@ def test_shared_rms_state_round_trips():
     assert torch.equal(p, clone)
 
 
+@pytest.mark.parametrize("noise", ["counter", "stream"])
 @pytest.mark.parametrize("kernel", [True, False])
-def test_gate_step_inside_backward_matches_adamw(kernel, monkeypatch):
+def test_gate_step_inside_backward_matches_adamw(kernel, noise, monkeypatch):
     """optim.GateStep: the gates step inside the fused gate's backward (in 3 spans per
-    tensor here; with torch's fused AdamW kernel or its formula in plain ops) and keep no
-    gradient; after 4 steps every w, log_alpha and head entry equals plain AdamW's (fused
-    and unfused kernels) within 1e-6."""
+    tensor here; with torch's fused AdamW kernel or its formula in plain ops; with
+    counter.py's kernels or the numpy stream) and keep no gradient; after 4 steps every w,
+    log_alpha and head entry equals plain AdamW's (fused and unfused kernels) within 1e-6."""
     if not kernel:
         monkeypatch.setattr(optim, "_FUSED_ADAMW", None)
     import diffprune as dp
-    from diffprune import fused
+    from diffprune import counter, fused
     from diffprune.optim import GateStep
     from conftest import batch, tiny_bert
-    monkeypatch.setattr(fused, "CHUNK", 600)  # the 99 x 16 embedding: 3 spans
+    monkeypatch.setattr(counter, "ENABLED", noise == "counter")
+    monkeypatch.setattr(counter, "CHUNK", 600)  # the 99 x 16 embedding: 3 spans
+    monkeypatch.setattr(fused, "CHUNK", 600)
 
     def run(in_backward: bool, fused_kernel: bool):
         model = dp.prepare_(tiny_bert(dropout=0.0), dp.DiffPruneConfig(init_log_alpha=1.0))

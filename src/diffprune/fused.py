@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from . import counter
 from .gates import _U_EPS, CpuNoise, replay, uniform
 
 
@@ -198,14 +199,23 @@ class GatedDelta(torch.autograd.Function):
         elif generator is None:
             generator = _default_generator(log_alpha.device)
         keep_z = stochastic and generator is None  # no generator to replay: keep z
-        # CpuNoise: each span's draw is recorded (ctx.plan); else the generator is replayed
-        plan = [] if stochastic and isinstance(generator, CpuNoise) else None
-        replayed = stochastic and not keep_z and plan is None
+        # CpuNoise: counter-based noise in compiled kernels where they apply (counter.py),
+        # else each span's draw is recorded (ctx.plan); other generators are replayed
+        counted = (stochastic and isinstance(generator, CpuNoise)
+                   and counter.usable(theta0, w, log_alpha))
+        plan = [] if stochastic and isinstance(generator, CpuNoise) and not counted else None
+        replayed = stochastic and not keep_z and not counted and plan is None
         ctx.consts = (left, right, temperature, expected_grad, stochastic,
                       generator.get_state() if replayed else None,
                       (type(generator), generator.device) if replayed else None)
+        ctx.counter = None
         with torch.no_grad():
-            if keep_z:
+            if counted:
+                ctx.counter = (counter.kernels(left, right, temperature, expected_grad),
+                               counter.scalar(generator.seed32(), torch.int32),
+                               counter.scalar(shift), counter.scalar(zg))
+                z, theta = None, _counted_forward(ctx.counter, theta0, w, log_alpha)
+            elif keep_z:
                 z = _gate(log_alpha, shift, left, right, temperature, True, None)
                 theta = torch.addcmul(theta0.to(w.dtype), z * zg, w).to(theta0.dtype)
             else:
@@ -222,7 +232,8 @@ class GatedDelta(torch.autograd.Function):
                         torch.addcmul(t0[s], zs, wf[s], out=out[s])
                     else:  # half-precision base: the sum in w's dtype, then rounded once
                         out[s] = torch.addcmul(t0[s].to(wf.dtype), zs, wf[s])
-        ctx.chunk = CHUNK if z is None else max(w.numel(), 1)
+        ctx.chunk = (counter.CHUNK if counted else CHUNK if z is None
+                     else max(w.numel(), 1))
         ctx.plan = plan
         ctx.gate_step, ctx.log_alpha = gate_step, log_alpha  # the Parameter itself
         ctx.save_for_backward(z, w, zg, log_alpha, shift)
@@ -247,6 +258,16 @@ class GatedDelta(torch.autograd.Function):
         grad_zg = torch.zeros((), dtype=w.dtype, device=w.device) if need_zg else None
         gf, wf, af = (t.reshape(-1) for t in (grad, w, log_alpha))
         for i, s in enumerate(_spans(wf.numel(), ctx.chunk)):
+            if ctx.counter is not None:
+                out_a = (span_a[:s.stop - s.start] if stepper is not None else
+                         None if grad_a is None else grad_a.view(-1)[s])
+                dot = _counted_backward(ctx.counter, s, gf[s].to(w.dtype), wf[s], af[s],
+                                        None if grad_w is None else grad_w.view(-1)[s], out_a)
+                if stepper is not None:
+                    update(s, out_a)
+                if need_zg:
+                    grad_zg += dot
+                continue
             if ctx.plan is not None:
                 gen = ctx.plan[i]
             if isinstance(gen, _SparseZ):
@@ -265,6 +286,28 @@ class GatedDelta(torch.autograd.Function):
         if need_zg:
             grad_zg = grad_zg.reshape(zg.shape)
         return None, grad_w, grad_a, None, grad_zg, None, None, None, None, None, None, None
+
+
+def _counted_forward(kernel_args, theta0, w, log_alpha) -> torch.Tensor:
+    """theta through counter.py's forward kernel, span by span (positions count from 0)."""
+    kernels, seed, shift, zg = kernel_args
+    theta = torch.empty_like(theta0)
+    out, t0, wf, af = (t.reshape(-1) for t in (theta, theta0, w, log_alpha))
+    for s in _spans(out.numel(), counter.CHUNK):
+        kernels.forward(out[s], t0[s], wf[s], af[s], shift, zg, seed,
+                        counter.scalar(s.start, torch.int32))
+    return theta
+
+
+def _counted_backward(kernel_args, s: slice, g, w, log_alpha, out_w, out_a) -> torch.Tensor:
+    """One span's gradients through counter.py's backward kernel; returns sum(g * w * z).
+    A gradient that is not needed goes to a scratch buffer."""
+    kernels, seed, shift, zg = kernel_args
+    scratch = None if out_w is not None and out_a is not None else torch.empty_like(w)
+    return kernels.backward(g, w, log_alpha, shift, zg, seed,
+                            counter.scalar(s.start, torch.int32),
+                            scratch if out_w is None else out_w,
+                            scratch if out_a is None else out_a)
 
 
 def _grads(g, z, w, log_alpha, shift, zg, left, right, temperature, expected_grad, out_w, out_a):

@@ -65,6 +65,10 @@ class CpuNoise:
             return torch.from_numpy(self._gen.random(n, dtype=np.float64)).view(shape)
         return torch.from_numpy(self._gen.random(n, dtype=np.float32)).view(shape).to(dtype)
 
+    def seed32(self) -> int:
+        """One int32 seed from the stream (counter.py's noise: one per tensor and step)."""
+        return int(self._gen.integers(-(1 << 31), 1 << 31))
+
 
 def uniform(shape: tuple[int, ...], generator, device: torch.device,
             dtype: torch.dtype) -> torch.Tensor:

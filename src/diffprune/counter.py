@@ -1,0 +1,136 @@
+"""The hard-concrete gate (Louizos et al. 2018) in two compiled CPU kernels, with noise from a
+counter-based hash instead of a random-number stream.
+
+The fused gate (fused.GatedDelta) spends most of its CPU time in elementwise passes over all N
+gates: drawing the noise, its logit, the stretched sigmoid, the clamp, the product with w, and
+again in backward. Here each direction is one loop compiled by torch.compile (inductor's
+vectorised C++, all cores): forward writes theta = theta0 + z * zg * w, backward writes the
+gradients of w and log_alpha and the sum that gives zg's.
+
+The noise u of gate i is a pure function of (seed, i): two rounds of murmur3's 32-bit
+finaliser, whose top 24 bits make u in (0, 1), clamped into [_U_EPS, 1 - _U_EPS] as in
+gates.sample_gate. Backward recomputes it instead of storing or replaying a stream, no span
+depends on another, and processes that share the seed draw the same mask. One seed per
+tensor and step comes from the diff's noise generator (gates.CpuNoise.seed32), so
+checkpoints and data-parallel ranks keep one gate sample per step as before.
+
+Where torch.compile does not work (no C++ compiler, say) the same functions run eagerly:
+the same samples, more slowly (a warning says so once).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from .gates import _U_EPS
+
+log = logging.getLogger(__name__)
+
+# Set DIFFPRUNE_COUNTER_NOISE=0 for the numpy stream (gates.CpuNoise) on CPU instead.
+ENABLED = os.environ.get("DIFFPRUNE_COUNTER_NOISE", "1") != "0"
+# Elements per kernel call: the gate logits' AdamW step (optim.GateStep) follows each span
+# while it is still in cache; each call costs about 0.1 ms of Python and guards.
+CHUNK = 1 << 20
+_MAX_N = 1 << 31  # positions are int32
+_M1, _M2 = -2048144789, -1028477387  # murmur3 fmix32 constants 0x85EBCA6B, 0xC2B2AE35 as int32
+
+
+def usable(theta0: torch.Tensor, w: torch.Tensor, log_alpha: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: float32 on CPU, under 2^31 entries."""
+    return (ENABLED and w.numel() < _MAX_N
+            and all(t.device.type == "cpu" and t.dtype == torch.float32
+                    for t in (theta0, w, log_alpha)))
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser on int32 (a bijection; arithmetic shifts masked to logical ones)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _M1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _M2
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def uniform(n: int, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) noise of positions offset .. offset + n - 1 under ``seed`` (int32 scalars)."""
+    i = torch.arange(n, dtype=torch.int32) + offset
+    h = _fmix32(_fmix32(i ^ seed) + seed)
+    u = (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (n,)
+    return u.clamp(_U_EPS, 1.0 - _U_EPS)
+
+
+def _sigmoid_of_noisy(x: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sigmoid((x + log u - log(1 - u)) / T); at T = 1 as u / (u + (1 - u) exp(-x)), one
+    exponential instead of two logarithms and one."""
+    if temperature == 1.0:
+        return u / (u + (1.0 - u) * torch.exp(-x))
+    return torch.sigmoid((x + torch.log(u) - torch.log1p(-u)) / temperature)
+
+
+def _make(left: float, right: float, temperature: float, expected_grad: bool):
+    """The forward and backward kernels for one set of gate constants (plain functions)."""
+    c = temperature * math.log(-left / right)  # P(z != 0) = sigmoid(a - c)
+
+    def gate(a, shift, seed, offset):
+        s = _sigmoid_of_noisy(a + shift, uniform(a.numel(), seed, offset), temperature)
+        return torch.clamp(s * (right - left) + left, 0.0, 1.0)
+
+    def forward(out, theta0, w, a, shift, zg, seed, offset):
+        out.copy_(theta0 + gate(a, shift, seed, offset) * zg * w)
+
+    def backward(g, w, a, shift, zg, seed, offset, out_w, out_a):
+        z = gate(a, shift, seed, offset)
+        gw = g * w  # dL/d(z * zg)
+        out_w.copy_(g * z * zg)
+        if expected_grad:  # sigma'(a + shift - c), fused.py's surrogate
+            p = torch.sigmoid(a + shift - c)
+            out_a.copy_((p - p * p) * gw * zg)
+        else:  # dz/da = (r - l) s (1 - s) / T inside the unclamped band, s = (z - l) / (r - l)
+            s = (z - left) / (right - left)
+            inside = ((z > 0.0) & (z < 1.0)).to(z.dtype)
+            out_a.copy_((s - s * s) * ((right - left) / temperature) * inside * gw * zg)
+        return (gw * z).sum()
+
+    return forward, backward
+
+
+class Kernels:
+    """The compiled pair for one set of constants; eager after the first compile failure."""
+
+    def __init__(self, left: float, right: float, temperature: float, expected_grad: bool):
+        self.eager = _make(left, right, temperature, expected_grad)
+        self.compiled = [torch.compile(f, dynamic=True) for f in self.eager]
+
+    def _call(self, which: int, *args):
+        if self.compiled[which] is not None:
+            try:
+                return self.compiled[which](*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: run it eagerly
+                log.warning("torch.compile failed for the gate kernel (%s: %s); running it "
+                            "eagerly: same samples, slower", type(e).__name__, e)
+                self.compiled[which] = None
+        return self.eager[which](*args)
+
+    def forward(self, *args) -> None:
+        self._call(0, *args)
+
+    def backward(self, *args) -> torch.Tensor:
+        return self._call(1, *args)
+
+
+_KERNELS: dict[tuple, Kernels] = {}
+
+
+def kernels(left: float, right: float, temperature: float, expected_grad: bool) -> Kernels:
+    key = (float(left), float(right), float(temperature), bool(expected_grad))
+    if key not in _KERNELS:
+        _KERNELS[key] = Kernels(*key)
+    return _KERNELS[key]
+
+
+def scalar(value, dtype=torch.float32) -> torch.Tensor:
+    """A 0-dim CPU tensor: kernel arguments stay tensors, so new values never recompile."""
+    return torch.as_tensor(value).detach().to(device="cpu", dtype=dtype).reshape(())
