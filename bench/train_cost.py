@@ -4,16 +4,19 @@ One run measures, side by side on the same model, batch and sequence length: ful
 (a plain model, AdamW over every parameter); the L0 phase, structured and unstructured (fused
 gate, density controller), from freshly initialised gates (every gate's sample depends on its
 noise: the first steps) and, structured, with separated gates (2.5% still open to the noise,
-as at the end of a real L0 phase: on CPU no random numbers are drawn for the others); the
-fixed-mask phase at 0.5%. Each configuration runs in its own
+as at the end of a real L0 phase: the numpy stream draws no noise for the others); the
+fixed-mask phase at 0.5%; and, for comparison, the structured L0 phase with the gate of
+before counter.py (numpy's noise stream, eager passes: "l0_structured_stream"). Each
+configuration runs in its own
 child process so that its peak resident memory (ru_maxrss) is its own. The processes take
 their training steps in turn, one step each, one process computing at a time: this machine's
 speed drifts by tens of percent over minutes, and stepping in turn makes every configuration
 meet the same drift (separate runs one after another, or rounds of them, did not: the same
 code measured 1.09x and 1.24x). Step time is the median over the timed steps after warm-up.
 Peak memory is reported twice: over the whole process
-(setup included) and over the training steps alone (Linux: the peak counter VmHWM is reset
-through /proc/self/clear_refs once the model and optimizer are set up). Prints and writes
+(setup and the gate kernels' compilation included) and over the timed training steps alone
+(Linux: the peak counter VmHWM is reset through /proc/self/clear_refs after the warm-up
+steps). Prints and writes
 ratios to full finetuning.
 
   python bench/train_cost.py --batch-sizes 8 32 --length 128 [--model DIR] [--steps 10]
@@ -30,7 +33,9 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "train_cost"
-CONFIGS = ("full", "l0_structured", "l0_unstructured", "l0_structured_separated", "fixmask")
+CONFIGS = ("full", "l0_structured", "l0_unstructured", "l0_structured_separated",
+           "l0_structured_stream", "fixmask")
+EXTRA_CONFIGS = ("l0_structured_1thread",)  # only when asked for with --configs
 WARMUP = 3  # untimed steps of each configuration
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
 # (STS-B, 1,000 examples, 0.5%: 2.5%); the *_separated configuration sets the gates so.
@@ -76,6 +81,12 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     from diffprune.optim import GateStep
     from diffprune.train import GATE_GROUPS
     tune_allocator()
+    if config.endswith("_stream"):  # the numpy stream's gate, not counter.py's kernels
+        from diffprune import counter
+        counter.ENABLED = False
+    if config.endswith("_1thread"):  # counter.py's kernels on one core
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.threads = 1
     torch.manual_seed(0)
     model, _ = load_model(model_name, {"num_labels": 2})
     model.train()
@@ -122,8 +133,12 @@ def _worker(config: str, model_name: str, batch: int, length: int, steps: int, c
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak()
     conn.send("ready")
-    while conn.recv() == "step":
-        conn.send(step())
+    while (message := conn.recv()) != "done":
+        if message == "reset":  # after the warm-up steps (and the kernels' compilation)
+            reset = _reset_peak()
+            conn.send(reset)
+        else:
+            conn.send(step())
     conn.send({"config": config,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "rss_after_setup_mb": rss_loaded / 1024,
@@ -135,20 +150,24 @@ def measure_all(args, batch: int) -> dict[str, dict]:
     at a time), so that the machine's drift over minutes falls on all of them alike."""
     ctx = mp.get_context("spawn")
     workers = {}
-    for c in CONFIGS:
+    for c in args.configs:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(c, args.model, batch, args.length, args.steps,
                                                  child))
         proc.start()
         assert parent.recv() == "ready"  # set up one at a time: loading is not timed
         workers[c] = (proc, parent)
-    times = {c: [] for c in CONFIGS}
+    times = {c: [] for c in args.configs}
     for i in range(WARMUP + args.steps):
         for c, (_, conn) in workers.items():
             conn.send("step")
             t = conn.recv()
             if i >= WARMUP:
                 times[c].append(t)
+        if i == WARMUP - 1:
+            for _, conn in workers.values():
+                conn.send("reset")
+                conn.recv()
     results = {}
     for c, (proc, conn) in workers.items():
         conn.send("done")
@@ -171,7 +190,11 @@ def main() -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + EXTRA_CONFIGS,
+                   help="configurations to measure (full finetuning is always one)")
+    p.add_argument("--out", type=Path, default=OUT, help="results directory")
     args = p.parse_args()
+    args.configs = ["full"] + [c for c in args.configs if c != "full"]
     rows = []
     for batch in args.batch_sizes:
         results = measure_all(args, batch)
@@ -187,14 +210,14 @@ def main() -> None:
                   f"({r['memory_ratio']:.2f}x), in training {_fmt(r['peak_train_rss_mb'])} MB "
                   f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)
     command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
              "", f"Model {args.model}, length {args.length}, median of {args.steps} steps "
              f"after {WARMUP} warm-up steps, the configurations' processes stepping in turn; "
              "peak RSS of a child process per configuration, over the "
-             "whole process and over the training steps alone (peak counter reset after "
-             "setup).", "",
+             "whole process and over the timed training steps alone (peak counter reset "
+             "after the warm-up steps, which compile the gate kernels).", "",
              "| batch | configuration | ms / step | x full | peak RSS MB | x full "
              "| peak RSS in training MB | x full |",
              "|---|---|---|---|---|---|---|---|"]
@@ -202,7 +225,7 @@ def main() -> None:
               f"{r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['memory_ratio']:.2f} | "
               f"{_fmt(r['peak_train_rss_mb'])} | {_fmt(r['train_memory_ratio'], '.2f')} |"
               for r in rows]
-    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

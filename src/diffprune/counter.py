@@ -62,11 +62,12 @@ def uniform(n: int, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return u.clamp(_U_EPS, 1.0 - _U_EPS)
 
 
-def _sigmoid_of_noisy(x: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+def _sigmoid_of_noisy(x: torch.Tensor, u: torch.Tensor, temperature: float,
+                      exp_neg_x: torch.Tensor | None = None) -> torch.Tensor:
     """sigmoid((x + log u - log(1 - u)) / T); at T = 1 as u / (u + (1 - u) exp(-x)), one
-    exponential instead of two logarithms and one."""
+    exponential (``exp_neg_x``, when the caller has it) instead of two logarithms and one."""
     if temperature == 1.0:
-        return u / (u + (1.0 - u) * torch.exp(-x))
+        return u / (u + (1.0 - u) * (torch.exp(-x) if exp_neg_x is None else exp_neg_x))
     return torch.sigmoid((x + torch.log(u) - torch.log1p(-u)) / temperature)
 
 
@@ -74,19 +75,23 @@ def _make(left: float, right: float, temperature: float, expected_grad: bool):
     """The forward and backward kernels for one set of gate constants (plain functions)."""
     c = temperature * math.log(-left / right)  # P(z != 0) = sigmoid(a - c)
 
-    def gate(a, shift, seed, offset):
-        s = _sigmoid_of_noisy(a + shift, uniform(a.numel(), seed, offset), temperature)
+    def gate(a, shift, seed, offset, exp_neg_x=None):
+        s = _sigmoid_of_noisy(a + shift, uniform(a.numel(), seed, offset), temperature,
+                              exp_neg_x)
         return torch.clamp(s * (right - left) + left, 0.0, 1.0)
 
     def forward(out, theta0, w, a, shift, zg, seed, offset):
         out.copy_(theta0 + gate(a, shift, seed, offset) * zg * w)
 
     def backward(g, w, a, shift, zg, seed, offset, out_w, out_a):
-        z = gate(a, shift, seed, offset)
+        # at T = 1 one exponential serves z and p: exp(-(x - c)) = exp(-x) * exp(c)
+        e = torch.exp(-(a + shift)) if expected_grad and temperature == 1.0 else None
+        z = gate(a, shift, seed, offset, e)
         gw = g * w  # dL/d(z * zg)
         out_w.copy_(g * z * zg)
         if expected_grad:  # sigma'(a + shift - c), fused.py's surrogate
-            p = torch.sigmoid(a + shift - c)
+            p = (torch.sigmoid(a + shift - c) if e is None else
+                 1.0 / (1.0 + e * math.exp(c)))
             out_a.copy_((p - p * p) * gw * zg)
         else:  # dz/da = (r - l) s (1 - s) / T inside the unclamped band, s = (z - l) / (r - l)
             s = (z - left) / (right - left)

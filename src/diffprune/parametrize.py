@@ -124,8 +124,9 @@ class DiffState(nn.Module):
 
         Under data parallelism every rank seeds it alike, so all ranks sample the same mask
         each step (the parameters are shared), while dropout keeps each rank's own RNG. On
-        CPU the stream is numpy's PCG64 (gates.CpuNoise, faster than torch's CPU generator),
-        elsewhere a torch.Generator of the device."""
+        CPU the stream is numpy's PCG64 (gates.CpuNoise, faster than torch's CPU generator;
+        counter.py's kernels take one seed per tensor and step from it), elsewhere a
+        torch.Generator of the device."""
         self.noise_seed, self._noise = seed, None
 
     def noise_generator(self) -> "torch.Generator | gates.CpuNoise | None":
