@@ -3,13 +3,13 @@
 Plain autograd keeps every intermediate of the gate (noise, pre-sigmoid, sigmoid, stretched,
 clamped) for backward. This Function keeps none of them at their full size. On CPU, float32
 and a gates.CpuNoise generator (the trainer's), both directions run as counter.py's compiled
-kernels, whose noise is a function of (seed, position) computed again in backward. Otherwise,
-with numpy's noise (gates.CpuNoise; counter.ENABLED off or other dtypes) a chunk of the sampled gate z that needed noise for
-every entry is kept in a compact exact form when nearly all of it is 0 or 1, as at the start of
-the L0 phase (_SparseZ: the clamp value most entries share plus the rest by position);
-otherwise backward draws the same noise again (only where it was drawn) and recomputes z, as
-it always does with a torch generator (the test-time gate needs no noise), in chunks that stay
-in cache. Inside the unclamped region the sigmoid value is s = (z - l) / (r - l), so
+kernels, whose noise is a function of (seed, position) computed again in backward.
+Otherwise, with numpy's noise (gates.CpuNoise; counter.ENABLED off or other dtypes) a chunk
+of the sampled gate z that needed noise for every entry is kept in a compact exact form when
+nearly all of it is 0 or 1, as at the start of the L0 phase (_SparseZ: the clamp value
+most entries share plus the rest by position); otherwise backward draws the same noise again
+(only where it was drawn) and recomputes z, as it always does with a torch generator (the
+test-time gate needs no noise), in chunks that stay in cache. Inside the unclamped region the sigmoid value is s = (z - l) / (r - l), so
 dz/dlog_alpha = (r - l) * s * (1 - s) / temperature, and it is 0 where z is clamped at 0 or 1.
 Same maths as gates.sample_gate (tested against it).
 
