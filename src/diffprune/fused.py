@@ -9,9 +9,10 @@ of the sampled gate z that needed noise for every entry is kept in a compact exa
 nearly all of it is 0 or 1, as at the start of the L0 phase (_SparseZ: the clamp value
 most entries share plus the rest by position); otherwise backward draws the same noise again
 (only where it was drawn) and recomputes z, as it always does with a torch generator (the
-test-time gate needs no noise), in chunks that stay in cache. Inside the unclamped region the sigmoid value is s = (z - l) / (r - l), so
-dz/dlog_alpha = (r - l) * s * (1 - s) / temperature, and it is 0 where z is clamped at 0 or 1.
-Same maths as gates.sample_gate (tested against it).
+test-time gate needs no noise), in chunks that stay in cache. Inside the unclamped region
+the sigmoid value is s = (z - l) / (r - l), so dz/dlog_alpha = (r - l) * s * (1 - s) /
+temperature, and it is 0 where z is clamped at 0 or 1. Same maths as gates.sample_gate
+(tested against it).
 
 ``expected_grad=True`` swaps that sampled derivative for the derivative of the probability
 that the gate is open, d/da P(z != 0) = sigma'(a - c) (a smoothed, always-positive surrogate
