@@ -57,6 +57,25 @@ def test_train_eval_inspect_merge_predict(tmp_path, tiny_model_dir, tiny_glue, c
     assert torch.allclose(base(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-6)
 
 
+
+def test_training_steps_run_in_train_mode(tmp_path, tiny_model_dir, tiny_glue, monkeypatch):
+    """from_pretrained returns an eval-mode model: the trainer must still train with dropout
+    and sampled gates (stochastic thetas in the L0 phase), and evaluate deterministically."""
+    from diffprune import parametrize
+    seen, real = [], parametrize.DiffState.thetas
+    monkeypatch.setattr(parametrize.DiffState, "thetas",
+                        lambda self, stochastic=False: seen.append((self.stage, stochastic))
+                        or real(self, stochastic))
+    modes = []
+    real_forward = torch.nn.Dropout.forward
+    monkeypatch.setattr(torch.nn.Dropout, "forward",
+                        lambda self, x: modes.append(self.training) or real_forward(self, x))
+    rc, _ = _train(tmp_path, tiny_model_dir, tiny_glue, "--epochs", "1")
+    assert rc == 0
+    assert ("l0", True) in seen and ("l0", False) in seen  # training steps and evaluation
+    assert True in modes and False in modes
+
+
 @pytest.mark.parametrize("extra", [(), ("--dense-warmup", "0.3", "--gate-init", "magnitude")])
 def test_resume_after_interruption_gives_identical_diff(tmp_path, tiny_model_dir, tiny_glue,
                                                         extra):

@@ -385,6 +385,9 @@ class Trainer:
         holding = phase.stage == "l0" and get_state(self.model).hold_open
         if self.controller is not None and not holding:
             info["density"] = self.controller.step(self.model)  # before the forward uses it
+        # from_pretrained returns the model in eval mode, and evaluation restores the mode it
+        # found: training steps need train mode (dropout, sampled gates in the L0 phase)
+        self.net.train()
         with torch.autocast(self.device.type, self.autocast or torch.float32,
                             enabled=self.autocast is not None):
             loss = self.net(**batch).loss.float()
