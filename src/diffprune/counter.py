@@ -15,7 +15,7 @@ tensor and step comes from the diff's noise generator (gates.CpuNoise.seed32), s
 checkpoints and data-parallel ranks keep one gate sample per step as before.
 
 Where torch.compile does not work (no C++ compiler, say) the same functions run eagerly:
-the same samples, more slowly (a warning says so once).
+the same samples, more slowly (a warning says so).
 """
 from __future__ import annotations
 

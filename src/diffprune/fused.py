@@ -261,31 +261,27 @@ class GatedDelta(torch.autograd.Function):
         grad_zg = torch.zeros((), dtype=w.dtype, device=w.device) if need_zg else None
         gf, wf, af = (t.reshape(-1) for t in (grad, w, log_alpha))
         for i, s in enumerate(_spans(wf.numel(), ctx.chunk)):
-            if ctx.counter is not None:
-                out_a = (span_a[:s.stop - s.start] if stepper is not None else
-                         None if grad_a is None else grad_a.view(-1)[s])
-                dot = _counted_backward(ctx.counter, s, gf[s].to(w.dtype), wf[s], af[s],
-                                        None if grad_w is None else grad_w.view(-1)[s], out_a)
-                if stepper is not None:
-                    update(s, out_a)
-                if need_zg:
-                    grad_zg += dot
-                continue
-            if ctx.plan is not None:
-                gen = ctx.plan[i]
-            if isinstance(gen, _SparseZ):
-                zc = gen.z(s.stop - s.start, af)
-            else:
-                zc = (z.reshape(-1)[s] if z is not None else
-                      _gate(af[s], shift, left, right, temperature, stochastic, gen))
+            g_s = gf[s].to(w.dtype)
+            out_w = None if grad_w is None else grad_w.view(-1)[s]
             out_a = (span_a[:s.stop - s.start] if stepper is not None else
                      None if grad_a is None else grad_a.view(-1)[s])
-            gw = _grads(gf[s].to(w.dtype), zc, wf[s], af[s], shift, zg, left, right, temperature,
-                        expected_grad, None if grad_w is None else grad_w.view(-1)[s], out_a)
+            if ctx.counter is not None:
+                dot = _counted_backward(ctx.counter, s, g_s, wf[s], af[s], out_w, out_a)
+            else:
+                if ctx.plan is not None:
+                    gen = ctx.plan[i]
+                if isinstance(gen, _SparseZ):
+                    zc = gen.z(s.stop - s.start, af)
+                else:
+                    zc = (z.reshape(-1)[s] if z is not None else
+                          _gate(af[s], shift, left, right, temperature, stochastic, gen))
+                gw = _grads(g_s, zc, wf[s], af[s], shift, zg, left, right, temperature,
+                            expected_grad, out_w, out_a)
+                dot = torch.dot(gw, zc) if need_zg else None
             if stepper is not None:
                 update(s, out_a)  # after z and p of this span were computed from the old a
             if need_zg:
-                grad_zg += torch.dot(gw, zc)
+                grad_zg += dot
         if need_zg:
             grad_zg = grad_zg.reshape(zg.shape)
         return None, grad_w, grad_a, None, grad_zg, None, None, None, None, None, None, None
