@@ -119,3 +119,86 @@ def test_only_float32_cpu_tensors_use_the_kernels(monkeypatch):
     assert not counter.usable(x.bfloat16(), x, x)
     monkeypatch.setattr(counter, "ENABLED", False)
     assert not counter.usable(x, x, x)
+
+
+def _run_group(theta0s, ws0, as0, zg0, shift, upstreams, temperature, expected, seed):
+    ws, as_ = ([t.clone().requires_grad_(True) for t in ts] for ts in (ws0, as0))
+    zg = zg0.clone().requires_grad_(True)
+    consts = (counter.kernels(-1.5, 1.5, temperature, expected),
+              _i32(gates.CpuNoise(seed).seed32()), counter.scalar(shift), None)
+    thetas = counter.GatedGroup.apply(consts, *theta0s, *ws, *as_, zg)
+    sum((t * u).sum() for t, u in zip(thetas, upstreams)).backward()
+    return ([t.detach() for t in thetas], [w.grad for w in ws], [a.grad for a in as_], zg.grad)
+
+
+def _run_group_plain(theta0s, ws0, as0, zg0, shift, upstreams, temperature, expected, seed):
+    """Each tensor through the plain formulation with its part of the group's noise: the
+    tensors end to end, positions counted from the first."""
+    total = sum(t.numel() for t in theta0s)
+    u = counter.uniform(total, _i32(gates.CpuNoise(seed).seed32()), _i32(0))
+    ws, as_ = ([t.clone().requires_grad_(True) for t in ts] for ts in (ws0, as0))
+    zg = zg0.clone().requires_grad_(True)
+    thetas, start = [], 0
+    for i, (theta0, w, a) in enumerate(zip(theta0s, ws, as_)):
+        ui = u[start:start + a.numel()].view(a.shape)
+        start += a.numel()
+        z = gates.sample_gate(a + shift, u=ui, temperature=temperature)
+        if expected:
+            p = torch.sigmoid(a + shift)  # c = T log(1.5 / 1.5) = 0
+            z = z.detach() + (p - p.detach())
+        thetas.append(theta0 + z * zg[i] * w)
+    sum((t * up).sum() for t, up in zip(thetas, upstreams)).backward()
+    return ([t.detach() for t in thetas], [w.grad for w in ws], [a.grad for a in as_], zg.grad)
+
+
+@pytest.mark.parametrize("expected", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2 / 3])
+def test_small_tensors_gated_together_match_autograd(temperature, expected):
+    """counter.GatedGroup (three tensors of different shapes in one pass) gives each theta
+    and every gradient, the group gates' included, of the plain formulation within 1e-6
+    (absolute) / 1e-5 (relative)."""
+    torch.manual_seed(0)
+    shapes = [(40, 7), (300,), (6, 5, 4)]
+    theta0s = [torch.randn(s) for s in shapes]
+    ws = [torch.randn(s) * 0.1 for s in shapes]
+    as_ = [torch.randn(s) * 2 for s in shapes]
+    upstreams = [torch.randn(s) for s in shapes]
+    args = (theta0s, ws, as_, torch.tensor([0.7, 1.0, 0.3]), torch.tensor(-0.4), upstreams,
+            temperature, expected, 11)
+    out, ref = _run_group(*args), _run_group_plain(*args)
+    for xs, ys in zip(out[:3], ref[:3]):
+        for x, y in zip(xs, ys):
+            assert x.shape == y.shape
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
+    assert torch.allclose(out[3], ref[3], rtol=1e-5, atol=1e-6), (out[3] - ref[3]).abs().max()
+    z = (out[0][1] - theta0s[1]) / (ws[1] * 1.0)
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+
+
+def test_a_model_gates_its_small_tensors_in_one_pass(monkeypatch):
+    """A sampled L0 forward sends every tensor under counter.SMALL entries through one
+    GatedGroup call and the others through GatedDelta, one each."""
+    import diffprune as dp
+    from conftest import tiny_bert
+    monkeypatch.setattr(counter, "ENABLED", True)
+    monkeypatch.setattr(counter, "SMALL", 100)  # the tiny model's biases and norms
+    model = tiny_bert()
+    dp.prepare_(model, dp.DiffPruneConfig(structured=True))
+    state = dp.get_state(model)
+    state.seed_noise(0)
+    calls = {"group": [], "single": 0}
+    group_apply, single_apply = counter.GatedGroup.apply, GatedDelta.apply
+
+    def group(consts, *tensors):
+        calls["group"].append(len(tensors) // 3)
+        return group_apply(consts, *tensors)
+
+    def single(*args):
+        calls["single"] += 1
+        return single_apply(*args)
+    monkeypatch.setattr(counter.GatedGroup, "apply", group)
+    monkeypatch.setattr(GatedDelta, "apply", single)
+    thetas = state.thetas(stochastic=True)
+    small = sum(1 for w in state.w if w.numel() < 100)
+    assert small > 1 and calls["group"] == [small]
+    assert calls["single"] == len(state.w) - small == len(thetas) - small

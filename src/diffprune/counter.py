@@ -83,30 +83,36 @@ def _make(left: float, right: float, temperature: float, expected_grad: bool):
     def forward(out, theta0, w, a, shift, zg, seed, offset):
         out.copy_(theta0 + gate(a, shift, seed, offset) * zg * w)
 
-    def backward(g, w, a, shift, zg, seed, offset, out_w, out_a):
+    def terms(g, w, a, shift, zg, seed, offset):
+        """dL/dw, dL/dlog_alpha and g * w * z, the terms of zg's gradient, elementwise."""
         # at T = 1 one exponential serves z and p: exp(-(x - c)) = exp(-x) * exp(c)
         e = torch.exp(-(a + shift)) if expected_grad and temperature == 1.0 else None
         z = gate(a, shift, seed, offset, e)
         gw = g * w  # dL/d(z * zg)
-        out_w.copy_(g * z * zg)
         if expected_grad:  # sigma'(a + shift - c), fused.py's surrogate
             p = (torch.sigmoid(a + shift - c) if e is None else
                  1.0 / (1.0 + e * math.exp(c)))
-            out_a.copy_((p - p * p) * gw * zg)
+            grad_a = (p - p * p) * gw * zg
         else:  # dz/da = (r - l) s (1 - s) / T inside the unclamped band, s = (z - l) / (r - l)
             s = (z - left) / (right - left)
             inside = ((z > 0.0) & (z < 1.0)).to(z.dtype)
-            out_a.copy_((s - s * s) * ((right - left) / temperature) * inside * gw * zg)
-        return (gw * z).sum()
+            grad_a = (s - s * s) * ((right - left) / temperature) * inside * gw * zg
+        return g * z * zg, grad_a, gw * z
 
-    return forward, backward
+    def backward(g, w, a, shift, zg, seed, offset, out_w, out_a):
+        grad_w, grad_a, dot = terms(g, w, a, shift, zg, seed, offset)
+        out_w.copy_(grad_w)
+        out_a.copy_(grad_a)
+        return dot.sum()
+
+    return forward, backward, terms
 
 
 class Kernels:
     """The compiled pair for one set of constants; eager after the first compile failure."""
 
     def __init__(self, left: float, right: float, temperature: float, expected_grad: bool):
-        self.eager = _make(left, right, temperature, expected_grad)
+        *self.eager, self.terms = _make(left, right, temperature, expected_grad)
         self.compiled = [torch.compile(f, dynamic=True) for f in self.eager]
 
     def _call(self, which: int, *args):
@@ -139,3 +145,59 @@ def kernels(left: float, right: float, temperature: float, expected_grad: bool) 
 def scalar(value, dtype=torch.float32) -> torch.Tensor:
     """A 0-dim CPU tensor: kernel arguments stay tensors, so new values never recompile."""
     return torch.as_tensor(value).detach().to(device="cpu", dtype=dtype).reshape(())
+
+
+# Tensors under this many entries are gated together (GatedGroup): one eager pass over all
+# of them costs less than two compiled calls each (about 0.1 ms of guards and wrappers per
+# call, plus the Function's own overhead: MiniLM has 64 biases and layer norms).
+SMALL = 1 << 16
+_ZERO = torch.zeros((), dtype=torch.int32)
+
+
+class GatedGroup(torch.autograd.Function):
+    """theta_i = theta0_i + z_i * zg_i * w_i for many small tensors in one eager pass of
+    the kernels' maths: the tensors laid end to end, one seed for all of them, positions
+    counted from the first entry of the first. log_alpha steps inside backward
+    (``gate_step``, optim.GateStep) as in fused.GatedDelta, after one reduction of the
+    group's gradient under data parallelism.
+
+    apply(consts, *theta0s, *ws, *log_alphas, zg): consts = (Kernels, seed, shift,
+    gate_step); zg (n,) holds the n tensors' group gates. Returns the n thetas."""
+
+    @staticmethod
+    def forward(ctx, consts, *tensors):
+        kernels, seed, shift, _ = consts
+        n = len(tensors) // 3
+        sizes = [t.numel() for t in tensors[:n]]
+        segment = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))  # (total,)
+        theta0, w, a = (torch.cat([t.detach().reshape(-1) for t in tensors[k * n:(k + 1) * n]])
+                        for k in range(3))
+        zg = tensors[-1].detach().to(w.dtype)[segment]  # (total,)
+        out = torch.empty_like(w)
+        kernels.eager[0](out, theta0, w, a, shift, zg, seed, _ZERO)
+        ctx.consts, ctx.sizes, ctx.log_alphas = consts, sizes, tensors[2 * n:3 * n]
+        ctx.save_for_backward(w, a, zg, segment)
+        return tuple(o.view(t.shape) for o, t in zip(out.split(sizes), tensors[:n]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        kernels, seed, shift, stepper = ctx.consts
+        w, a, zg, segment = ctx.saved_tensors
+        sizes, n = ctx.sizes, len(ctx.sizes)
+        g = torch.cat([x.reshape(-1).to(w.dtype) for x in grads])
+        grad_w, grad_a, dot = kernels.terms(g, w, a, shift, zg, seed, _ZERO)
+        need = ctx.needs_input_grad
+        need_w, need_a, need_zg = any(need[1 + n:1 + 2 * n]), any(need[1 + 2 * n:-1]), need[-1]
+        grad_zg = (torch.zeros(n, dtype=w.dtype).index_add_(0, segment, dot)
+                   if need_zg else None)
+        if need_a and stepper is not None:  # log_alpha steps here; no gradient is returned
+            if stepper.reduce is not None:
+                stepper.reduce(grad_a)
+            for p, span in zip(ctx.log_alphas, grad_a.split(sizes)):
+                stepper.begin(p, reduced=True)(slice(0, p.numel()), span)
+            need_a = False
+
+        def split(flat, wanted):
+            return ([x.view(p.shape) for x, p in zip(flat.split(sizes), ctx.log_alphas)]
+                    if wanted else [None] * n)
+        return (None, *[None] * n, *split(grad_w, need_w), *split(grad_a, need_a), grad_zg)

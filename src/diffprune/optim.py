@@ -91,8 +91,9 @@ class GateStep:
         return groups[0]
 
     @torch.no_grad()
-    def begin(self, param: torch.Tensor):
-        """One optimizer step of ``param`` begins: returns update(span, grad_of_span)."""
+    def begin(self, param: torch.Tensor, reduced: bool = False):
+        """One optimizer step of ``param`` begins: returns update(span, grad_of_span).
+        ``reduced``: the caller has already averaged the gradient across processes."""
         state = self.optimizer.state[param]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -105,7 +106,7 @@ class GateStep:
         step_size = lr / (1 - beta1 ** t)
         root_bc2 = (1 - beta2 ** t) ** 0.5
         p, m, v = (x.view(-1) for x in (param, state["exp_avg"], state["exp_avg_sq"]))
-        fused, reduce = _FUSED_ADAMW, self.reduce
+        fused, reduce = _FUSED_ADAMW, None if reduced else self.reduce
         step = state["step"]  # already counted up, as torch.optim does before the kernel
 
         @torch.no_grad()

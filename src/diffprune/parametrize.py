@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import gates
+from . import counter, gates
 from .config import DiffPruneConfig
 from .errors import DiffPruneError
 from .fused import GatedDelta
@@ -240,11 +240,34 @@ class DiffState(nn.Module):
         else:
             zg = gates.deterministic_gate(group, **self.gate_args())
         expected = c.gate_grad == "expected"
+        thetas = [None] * len(self.targets)
+        small = self._small_group(gen)
+        if small:  # many small tensors in one pass (counter.GatedGroup)
+            consts = (counter.kernels(c.stretch_left, c.stretch_right, c.temperature, expected),
+                      counter.scalar(gen.seed32(), torch.int32),
+                      counter.scalar(self.logit_shift), self.gate_step)
+            grouped = counter.GatedGroup.apply(
+                consts, *(self.theta0(i) for i in small), *(self.w[i] for i in small),
+                *(self.log_alpha[i] for i in small), zg[small])
+            for i, theta in zip(small, grouped):
+                thetas[i] = theta
         # the shift goes in as a scalar: a + shift (N entries) is never materialised
-        return [GatedDelta.apply(self.theta0(i), w, a, self.logit_shift, zg[i], c.stretch_left,
-                                 c.stretch_right, c.temperature if stochastic else 1.0,
-                                 stochastic, expected, gen, self.gate_step)
-                for i, (w, a) in enumerate(zip(self.w, self.log_alpha))]
+        for i, (w, a) in enumerate(zip(self.w, self.log_alpha)):
+            if thetas[i] is None:
+                thetas[i] = GatedDelta.apply(
+                    self.theta0(i), w, a, self.logit_shift, zg[i], c.stretch_left,
+                    c.stretch_right, c.temperature if stochastic else 1.0, stochastic,
+                    expected, gen, self.gate_step)
+        return thetas
+
+    def _small_group(self, generator) -> list[int]:
+        """Targets gated together by counter.GatedGroup: those under counter.SMALL entries,
+        when the gate is sampled with counter.py's noise (two or more of them)."""
+        if not isinstance(generator, gates.CpuNoise):
+            return []
+        small = [i for i, (w, a) in enumerate(zip(self.w, self.log_alpha))
+                 if w.numel() < counter.SMALL and counter.usable(self.theta0(i), w, a)]
+        return small if len(small) > 1 else []
 
     def _version(self) -> tuple:
         """Changes whenever a trainable tensor of the diff or the stage changes."""
