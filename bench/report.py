@@ -225,7 +225,10 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
             + ". Scores: each task's official dev "
             "metric (mean of its metrics), percent. `% params per task`: parameters a task "
             "stores beyond the base, as a share of the base (the dense task head, the same "
-            "for every method, is stored too and counted in the byte columns).", "",
+            "for every method, is stored too and counted in the byte columns). Runs trained "
+            "since commit 1f3b4f8 (session 11) train in train mode, as `transformers`' "
+            "Trainer does (dropout on, diff pruning's gates sampled); earlier runs trained in "
+            "eval mode (bench/README.md, session 11).", "",
             *tables(rows, tasks, ckpt_bytes), "",
             "![average score vs parameters](score_vs_params.png)", ""]
     if has_nz:
