@@ -57,7 +57,6 @@ def test_train_eval_inspect_merge_predict(tmp_path, tiny_model_dir, tiny_glue, c
     assert torch.allclose(base(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-6)
 
 
-
 def test_training_steps_run_in_train_mode(tmp_path, tiny_model_dir, tiny_glue, monkeypatch):
     """from_pretrained returns an eval-mode model: the trainer must still train with dropout
     and sampled gates (stochastic thetas in the L0 phase), and evaluate deterministically."""

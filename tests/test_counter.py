@@ -21,16 +21,21 @@ def _run_fused(theta0, w0, a0, zg0, shift, upstream, temperature, expected, seed
     return theta.detach(), w.grad, a.grad, zg.grad
 
 
-def _run_plain(theta0, w0, a0, zg0, shift, upstream, temperature, expected, seed):
-    """gates.sample_gate with counter.uniform's noise; the expected-gradient surrogate as a
+def _plain_gate(a, shift, u, temperature, expected):
+    """z of gates.sample_gate given u; with the expected-gradient surrogate as a
     straight-through term (forward value z, gradient that of P(z != 0))."""
+    z = gates.sample_gate(a + shift, u=u, temperature=temperature)
+    if not expected:
+        return z
+    p = torch.sigmoid(a + shift - temperature * math.log(1.5 / 1.5))
+    return z.detach() + (p - p.detach())
+
+
+def _run_plain(theta0, w0, a0, zg0, shift, upstream, temperature, expected, seed):
+    """The plain formulation (_plain_gate) with counter.uniform's noise."""
     w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
     u = counter.uniform(a0.numel(), _i32(gates.CpuNoise(seed).seed32()), _i32(0))
-    z = gates.sample_gate(a + shift, u=u.view(a0.shape), temperature=temperature)
-    if expected:
-        p = torch.sigmoid(a + shift - temperature * math.log(1.5 / 1.5))
-        z = z.detach() + (p - p.detach())
-    theta = theta0 + z * zg * w
+    theta = theta0 + _plain_gate(a, shift, u.view(a0.shape), temperature, expected) * zg * w
     (theta * upstream).sum().backward()
     return theta.detach(), w.grad, a.grad, zg.grad
 
@@ -142,11 +147,7 @@ def _run_group_plain(theta0s, ws0, as0, zg0, shift, upstreams, temperature, expe
     for i, (theta0, w, a) in enumerate(zip(theta0s, ws, as_)):
         ui = u[start:start + a.numel()].view(a.shape)
         start += a.numel()
-        z = gates.sample_gate(a + shift, u=ui, temperature=temperature)
-        if expected:
-            p = torch.sigmoid(a + shift)  # c = T log(1.5 / 1.5) = 0
-            z = z.detach() + (p - p.detach())
-        thetas.append(theta0 + z * zg[i] * w)
+        thetas.append(theta0 + _plain_gate(a, shift, ui, temperature, expected) * zg[i] * w)
     sum((t * up).sum() for t, up in zip(thetas, upstreams)).backward()
     return ([t.detach() for t in thetas], [w.grad for w in ws], [a.grad for a in as_], zg.grad)
 
@@ -171,7 +172,7 @@ def test_small_tensors_gated_together_match_autograd(temperature, expected):
             assert x.shape == y.shape
             assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), (x - y).abs().max()
     assert torch.allclose(out[3], ref[3], rtol=1e-5, atol=1e-6), (out[3] - ref[3]).abs().max()
-    z = (out[0][1] - theta0s[1]) / (ws[1] * 1.0)
+    z = (out[0][1] - theta0s[1]) / ws[1]  # its group gate is 1
     assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
 
 

@@ -11,8 +11,9 @@ The noise u of gate i is a pure function of (seed, i): two rounds of murmur3's 3
 finaliser, whose top 24 bits make u in (0, 1), clamped into [_U_EPS, 1 - _U_EPS] as in
 gates.sample_gate. Backward recomputes it instead of storing or replaying a stream, no span
 depends on another, and processes that share the seed draw the same mask. One seed per
-tensor and step comes from the diff's noise generator (gates.CpuNoise.seed32), so
-checkpoints and data-parallel ranks keep one gate sample per step as before.
+tensor and step (one for all of the small tensors of GatedGroup) comes from the diff's
+noise generator (gates.CpuNoise.seed32), so checkpoints and data-parallel ranks keep one
+gate sample per step as before.
 
 Where torch.compile does not work (no C++ compiler, say) the same functions run eagerly:
 the same samples, more slowly (a warning says so).

@@ -66,7 +66,8 @@ class CpuNoise:
         return torch.from_numpy(self._gen.random(n, dtype=np.float32)).view(shape).to(dtype)
 
     def seed32(self) -> int:
-        """One int32 seed from the stream (counter.py's noise: one per tensor and step)."""
+        """One int32 seed from the stream (counter.py's noise: one per tensor, or per group
+        of small tensors, and step)."""
         return int(self._gen.integers(-(1 << 31), 1 << 31))
 
 

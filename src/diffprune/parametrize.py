@@ -125,8 +125,8 @@ class DiffState(nn.Module):
         Under data parallelism every rank seeds it alike, so all ranks sample the same mask
         each step (the parameters are shared), while dropout keeps each rank's own RNG. On
         CPU the stream is numpy's PCG64 (gates.CpuNoise, faster than torch's CPU generator;
-        counter.py's kernels take one seed per tensor and step from it), elsewhere a
-        torch.Generator of the device."""
+        counter.py's kernels take one seed per tensor, or per group of small tensors, and
+        step), elsewhere a torch.Generator of the device."""
         self.noise_seed, self._noise = seed, None
 
     def noise_generator(self) -> "torch.Generator | gates.CpuNoise | None":
