@@ -11,10 +11,10 @@ hf_logging.set_verbosity_error()
 logging.getLogger("diffprune").setLevel(logging.ERROR)
 
 
-def tiny_bert(num_labels: int = 2, seed: int = 0, dropout: float = 0.1
+def tiny_bert(num_labels: int = 2, seed: int = 0, dropout: float = 0.1, vocab_size: int = 99
               ) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=64, num_labels=num_labels,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return BertForSequenceClassification(cfg).eval()
@@ -91,16 +91,15 @@ def write_tiny_glue(root):
     return root
 
 
-def write_tiny_model_dir(path, seed: int = 0, dropout: float = 0.1):
+def write_tiny_model_dir(path, seed: int = 0, dropout: float = 0.1, vocab_size: int = 99):
     from transformers import BertTokenizerFast
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILL + list("abcdefg")
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(path)
-    model = tiny_bert(seed=seed, dropout=dropout)
-    model.config.vocab_size = 99
-    model.save_pretrained(path)
+    model = tiny_bert(seed=seed, dropout=dropout, vocab_size=vocab_size)  # rows past the
+    model.save_pretrained(path)  # tokenizer's are never read
     return path
 
 

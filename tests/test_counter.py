@@ -34,7 +34,8 @@ def _plain_gate(a, shift, u, temperature, expected):
 def _run_plain(theta0, w0, a0, zg0, shift, upstream, temperature, expected, seed):
     """The plain formulation (_plain_gate) with counter.uniform's noise."""
     w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
-    u = counter.uniform(a0.numel(), _i32(gates.CpuNoise(seed).seed32()), _i32(0))
+    u = counter.uniform(counter.positions(a0.numel(), _i32(0)),
+                        _i32(gates.CpuNoise(seed).seed32()))
     theta = theta0 + _plain_gate(a, shift, u.view(a0.shape), temperature, expected) * zg * w
     (theta * upstream).sum().backward()
     return theta.detach(), w.grad, a.grad, zg.grad
@@ -63,7 +64,7 @@ def test_kernels_match_autograd(temperature, expected, chunk, monkeypatch):
 
 
 def test_noise_is_uniform_and_a_function_of_seed_and_position():
-    u = counter.uniform(1 << 20, _i32(12345), _i32(0))
+    u = counter.uniform(counter.positions(1 << 20, _i32(0)), _i32(12345))
     assert abs(float(u.mean()) - 0.5) < 2e-3
     assert abs(float(u.var()) - 1 / 12) < 1e-3
     lo, hi = torch.tensor([gates._U_EPS, 1 - gates._U_EPS])  # float32, as u
@@ -73,8 +74,9 @@ def test_noise_is_uniform_and_a_function_of_seed_and_position():
     hist = torch.histc(u, bins=16, min=0.0, max=1.0) / u.numel()
     assert float((hist - 1 / 16).abs().max()) < 2e-3
     # a span starting at k is the same as positions k.. of the whole: spans are independent
-    assert torch.equal(counter.uniform(1000, _i32(12345), _i32(70_000)), u[70_000:71_000])
-    other = counter.uniform(1 << 20, _i32(12346), _i32(0))
+    assert torch.equal(counter.uniform(counter.positions(1000, _i32(70_000)), _i32(12345)),
+                       u[70_000:71_000])
+    other = counter.uniform(counter.positions(1 << 20, _i32(0)), _i32(12346))
     assert float((other == u).float().mean()) < 1e-3
     assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 5e-3
 
@@ -140,7 +142,7 @@ def _run_group_plain(theta0s, ws0, as0, zg0, shift, upstreams, temperature, expe
     """Each tensor through the plain formulation with its part of the group's noise: the
     tensors end to end, positions counted from the first."""
     total = sum(t.numel() for t in theta0s)
-    u = counter.uniform(total, _i32(gates.CpuNoise(seed).seed32()), _i32(0))
+    u = counter.uniform(counter.positions(total, _i32(0)), _i32(gates.CpuNoise(seed).seed32()))
     ws, as_ = ([t.clone().requires_grad_(True) for t in ts] for ts in (ws0, as0))
     zg = zg0.clone().requires_grad_(True)
     thetas, start = [], 0

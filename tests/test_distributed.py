@@ -39,7 +39,9 @@ def _assert_same(a: SparseDiff, b: SparseDiff, atol: float) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_glue):
     root = tmp_path_factory.mktemp("ddp")
-    model = write_tiny_model_dir(root / "model", dropout=0.0)
+    # 4,096 x 16 word embeddings: large enough to be gated by the rows a batch reads (rows.py;
+    # the gates' AdamW step, averaged across ranks, then runs after backward)
+    model = write_tiny_model_dir(root / "model", dropout=0.0, vocab_size=4096)
     args = ["--task", "sst2", "--model", str(model), "--data-dir", str(tiny_glue),
             "--epochs", "2", "--fixmask-epochs", "1", "--density", "0.05", "--batch-size", "8",
             "--lr", "1e-2", "--lr-fixmask", "1e-2", "--lr-head", "1e-2", "--save-every", "2"]

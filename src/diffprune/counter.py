@@ -55,11 +55,20 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
-def uniform(n: int, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """U(0, 1) noise of positions offset .. offset + n - 1 under ``seed`` (int32 scalars)."""
-    i = torch.arange(n, dtype=torch.int32) + offset
-    h = _fmix32(_fmix32(i ^ seed) + seed)
-    u = (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (n,)
+def positions(n: int, offset: torch.Tensor) -> torch.Tensor:
+    """Flat positions offset .. offset + n - 1 (int32)."""
+    return torch.arange(n, dtype=torch.int32) + offset
+
+
+def row_positions(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Flat positions of whole rows of a (rows, width) tensor: (k, width), int32."""
+    return rows.to(torch.int32).view(-1, 1) * width + torch.arange(width, dtype=torch.int32)
+
+
+def uniform(pos: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) noise of the gates at flat positions ``pos`` (int32) under ``seed``."""
+    h = _fmix32(_fmix32(pos ^ seed) + seed)
+    u = (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # pos's shape
     return u.clamp(_U_EPS, 1.0 - _U_EPS)
 
 
@@ -73,22 +82,22 @@ def _sigmoid_of_noisy(x: torch.Tensor, u: torch.Tensor, temperature: float,
 
 
 def _make(left: float, right: float, temperature: float, expected_grad: bool):
-    """The forward and backward kernels for one set of gate constants (plain functions)."""
+    """The kernels for one set of gate constants (plain functions): forward and backward over
+    a flat span, the same over whole rows of a matrix (rows.GatedRows), and their maths."""
     c = temperature * math.log(-left / right)  # P(z != 0) = sigmoid(a - c)
 
-    def gate(a, shift, seed, offset, exp_neg_x=None):
-        s = _sigmoid_of_noisy(a + shift, uniform(a.numel(), seed, offset), temperature,
-                              exp_neg_x)
+    def gate(a, shift, seed, pos, exp_neg_x=None):
+        s = _sigmoid_of_noisy(a + shift, uniform(pos, seed), temperature, exp_neg_x)
         return torch.clamp(s * (right - left) + left, 0.0, 1.0)
 
     def forward(out, theta0, w, a, shift, zg, seed, offset):
-        out.copy_(theta0 + gate(a, shift, seed, offset) * zg * w)
+        out.copy_(theta0 + gate(a, shift, seed, positions(a.numel(), offset)) * zg * w)
 
-    def terms(g, w, a, shift, zg, seed, offset):
+    def terms(g, w, a, shift, zg, seed, pos):
         """dL/dw, dL/dlog_alpha and g * w * z, the terms of zg's gradient, elementwise."""
         # at T = 1 one exponential serves z and p: exp(-(x - c)) = exp(-x) * exp(c)
         e = torch.exp(-(a + shift)) if expected_grad and temperature == 1.0 else None
-        z = gate(a, shift, seed, offset, e)
+        z = gate(a, shift, seed, pos, e)
         gw = g * w  # dL/d(z * zg)
         if expected_grad:  # sigma'(a + shift - c), fused.py's surrogate
             p = (torch.sigmoid(a + shift - c) if e is None else
@@ -101,16 +110,26 @@ def _make(left: float, right: float, temperature: float, expected_grad: bool):
         return g * z * zg, grad_a, gw * z
 
     def backward(g, w, a, shift, zg, seed, offset, out_w, out_a):
-        grad_w, grad_a, dot = terms(g, w, a, shift, zg, seed, offset)
+        grad_w, grad_a, dot = terms(g, w, a, shift, zg, seed, positions(g.numel(), offset))
         out_w.copy_(grad_w)
         out_a.copy_(grad_a)
         return dot.sum()
 
-    return forward, backward, terms
+    def forward_rows(theta0, w, a, shift, zg, seed, rows):  # (V, D) each, rows (k,) -> (k, D)
+        pos = row_positions(rows, w.shape[1])
+        return theta0[rows] + gate(a[rows], shift, seed, pos) * zg * w[rows]
+
+    def backward_rows(g, w, a, shift, zg, seed, rows):  # g (k, D): the rows' gradients
+        grad_w, grad_a, dot = terms(g, w[rows], a[rows], shift, zg, seed,
+                                    row_positions(rows, w.shape[1]))
+        return grad_w, grad_a, dot.sum()
+
+    return forward, backward, forward_rows, backward_rows, terms
 
 
 class Kernels:
-    """The compiled pair for one set of constants; eager after the first compile failure."""
+    """The compiled kernels for one set of constants; each eager after its first compile
+    failure."""
 
     def __init__(self, left: float, right: float, temperature: float, expected_grad: bool):
         *self.eager, self.terms = _make(left, right, temperature, expected_grad)
@@ -131,6 +150,12 @@ class Kernels:
 
     def backward(self, *args) -> torch.Tensor:
         return self._call(1, *args)
+
+    def forward_rows(self, *args) -> torch.Tensor:
+        return self._call(2, *args)
+
+    def backward_rows(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._call(3, *args)
 
 
 _KERNELS: dict[tuple, Kernels] = {}
@@ -186,7 +211,7 @@ class GatedGroup(torch.autograd.Function):
         w, a, zg, segment = ctx.saved_tensors
         sizes, n = ctx.sizes, len(ctx.sizes)
         g = torch.cat([x.reshape(-1).to(w.dtype) for x in grads])
-        grad_w, grad_a, dot = kernels.terms(g, w, a, shift, zg, seed, _ZERO)
+        grad_w, grad_a, dot = kernels.terms(g, w, a, shift, zg, seed, positions(w.numel(), _ZERO))
         need = ctx.needs_input_grad
         need_w, need_a, need_zg = any(need[1 + n:1 + 2 * n]), any(need[1 + 2 * n:-1]), need[-1]
         grad_zg = (torch.zeros(n, dtype=w.dtype).index_add_(0, segment, dot)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import rows
 from .config import DiffPruneConfig
 from .errors import ConfigError, DiffPruneError
 from .parametrize import STATE_ATTR, DiffState, Target
@@ -75,7 +76,11 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def _materialize_hook(module: nn.Module, args) -> None:
-    getattr(module, STATE_ATTR).materialize(stochastic=module.training)
+    # a training forward gates embeddings by the rows it reads (rows.py); with gradient
+    # checkpointing a module's forward may run again in backward: the whole theta then
+    training = module.training and torch.is_grad_enabled()
+    getattr(module, STATE_ATTR).materialize(
+        stochastic=module.training, by_rows=training and not _checkpointing(module))
 
 
 def _release_hook(module: nn.Module, args, output) -> None:
@@ -133,7 +138,8 @@ def prepare_(model: nn.Module, config: DiffPruneConfig | None = None,
     state.report = report
     model.add_module(STATE_ATTR, state)
     setattr(model, _HOOK_ATTR, (model.register_forward_pre_hook(_materialize_hook),
-                                model.register_forward_hook(_release_hook)))
+                                model.register_forward_hook(_release_hook),
+                                *rows.install(state)))
     state.materialize(stochastic=False)  # submodules are usable before the first forward
     log.info("diffprune: %s", report.summary())
     return model

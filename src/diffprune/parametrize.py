@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import counter, gates
+from . import counter, gates, rows
 from .config import DiffPruneConfig
 from .errors import DiffPruneError
 from .fused import GatedDelta
@@ -64,6 +64,8 @@ class DiffState(nn.Module):
         self.hold_open = False  # L0 stage with every gate held open: delta = w (dense warm-up)
         self.gate_step = None  # optim.GateStep: log_alpha steps inside backward (fused.py)
         self._noise: torch.Generator | None = None
+        self.row_targets: set[int] = set()  # embeddings gated by the rows they read (rows.py)
+        self.rows_pending: dict[int, rows.Pending] = {}
         for i, t0 in enumerate(theta0):
             self.register_buffer(f"theta0_{i}", t0.detach(), persistent=False)
         self.set_stage_(stage)
@@ -210,8 +212,10 @@ class DiffState(nn.Module):
             out.append(flat.index_add(0, self.indices(i), v).view(t0.shape))
         return out
 
-    def thetas(self, stochastic: bool = False) -> list[torch.Tensor]:
-        """theta = theta0 + delta per target, in the base dtype."""
+    def thetas(self, stochastic: bool = False, by_rows: bool = False) -> list[torch.Tensor]:
+        """theta = theta0 + delta per target, in the base dtype. ``by_rows``: the sampled L0
+        gate of the row_targets is left pending for their modules' hooks (rows.py), which
+        gate only the rows they read; theta0 stands in for them until then."""
         if self.stage == "fixed":
             # Scatter the nnz values straight into a copy of theta0: exactly what
             # SparseDiff.apply_ and merging do, so all three agree bit for bit.
@@ -222,11 +226,11 @@ class DiffState(nn.Module):
                 out.append(flat.view(t0.shape).to(t0.dtype))
             return out
         if self.stage == "l0" and not self.hold_open:
-            return self._l0_thetas(stochastic)
+            return self._l0_thetas(stochastic, by_rows)
         return [(self.theta0(i) + d).to(self.theta0(i).dtype)
                 for i, d in enumerate(self.deltas(stochastic))]
 
-    def _l0_thetas(self, stochastic: bool) -> list[torch.Tensor]:
+    def _l0_thetas(self, stochastic: bool, by_rows: bool = False) -> list[torch.Tensor]:
         """The L0 stage through the fused gate (fused.py): same values as deltas(), less
         memory and fewer passes."""
         c = self.config
@@ -253,12 +257,23 @@ class DiffState(nn.Module):
                 thetas[i] = theta
         # the shift goes in as a scalar: a + shift (N entries) is never materialised
         for i, (w, a) in enumerate(zip(self.w, self.log_alpha)):
-            if thetas[i] is None:
+            if thetas[i] is None and self._by_rows(i, by_rows, gen):
+                consts = (counter.kernels(c.stretch_left, c.stretch_right, c.temperature,
+                                          expected),  # the seed GatedDelta would have drawn
+                          counter.scalar(gen.seed32(), torch.int32),
+                          counter.scalar(self.logit_shift))
+                self.rows_pending[i] = rows.Pending(*consts, zg[i], self.gate_step)
+                thetas[i] = self.theta0(i)
+            elif thetas[i] is None:
                 thetas[i] = GatedDelta.apply(
                     self.theta0(i), w, a, self.logit_shift, zg[i], c.stretch_left,
                     c.stretch_right, c.temperature if stochastic else 1.0, stochastic,
                     expected, gen, self.gate_step)
         return thetas
+
+    def _by_rows(self, i: int, by_rows: bool, generator) -> bool:
+        return (by_rows and i in self.row_targets and isinstance(generator, gates.CpuNoise)
+                and counter.usable(self.theta0(i), self.w[i], self.log_alpha[i]))
 
     def _small_group(self, generator) -> list[int]:
         """Targets gated together by counter.GatedGroup: those under counter.SMALL entries,
@@ -275,11 +290,12 @@ class DiffState(nn.Module):
                 *(id(p) for p in self.parameters()), self.logit_shift._version
                 if hasattr(self, "logit_shift") else 0)
 
-    def materialize(self, stochastic: bool) -> None:
+    def materialize(self, stochastic: bool, by_rows: bool = False) -> None:
         """Set theta on every owning module (called before each forward of the root).
 
         In eval mode theta is deterministic, so it is computed once and reused until a
-        parameter changes (evaluation over many batches pays for it once)."""
+        parameter changes (evaluation over many batches pays for it once). ``by_rows``: see
+        thetas()."""
         if not stochastic and not torch.is_grad_enabled():
             key = self._version()
             if getattr(self, "_eval_key", None) == key:
@@ -292,7 +308,8 @@ class DiffState(nn.Module):
         for target in self.targets:
             for module, attr in target.owners:
                 module.__dict__.pop(attr, None)
-        for target, theta in zip(self.targets, self.thetas(stochastic)):
+        self.rows_pending = {}
+        for target, theta in zip(self.targets, self.thetas(stochastic, by_rows)):
             for module, attr in target.owners:
                 # A plain attribute (the Parameter was removed from module._parameters).
                 module.__dict__[attr] = theta
@@ -302,6 +319,7 @@ class DiffState(nn.Module):
         theta lives only as long as autograd needs it (freed as soon as its consumer's backward
         has run; an embedding's right after the forward). The modules stay usable; their
         weights are the base's until the next forward."""
+        self.rows_pending = {}
         for i, target in enumerate(self.targets):
             for module, attr in target.owners:
                 module.__dict__[attr] = self.theta0(i)
