@@ -5,8 +5,11 @@ One run measures, side by side on the same model, batch and sequence length: ful
 gate, density controller), from freshly initialised gates (every gate's sample depends on its
 noise: the first steps) and, structured, with separated gates (2.5% still open to the noise,
 as at the end of a real L0 phase: the numpy stream draws no noise for the others); the
-fixed-mask phase at 0.5%; and, for comparison, the structured L0 phase with the gate of
-before counter.py (numpy's noise stream, eager passes: "l0_structured_stream"). Each
+fixed-mask phase at 0.5%; and, for comparison, the structured L0 phase with the embeddings
+gated whole, as before rows.py ("l0_structured_whole"), and with the gate of before
+counter.py (numpy's noise stream, eager passes: "l0_structured_stream"). The batch's token
+ids are drawn uniformly from the vocabulary (about 3,800 distinct rows in 32 x 128 tokens;
+real text reads fewer). Each
 configuration runs in its own
 child process so that its peak resident memory (ru_maxrss) is its own. The processes take
 their training steps in turn, one step each, one process computing at a time: this machine's
@@ -34,7 +37,7 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "train_cost"
 CONFIGS = ("full", "l0_structured", "l0_unstructured", "l0_structured_separated",
-           "l0_structured_stream", "fixmask")
+           "l0_structured_whole", "l0_structured_stream", "fixmask")
 EXTRA_CONFIGS = ("l0_structured_1thread",)  # only when asked for with --configs
 WARMUP = 3  # untimed steps of each configuration
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
@@ -97,6 +100,8 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
         dp.prepare_(model, dp.DiffPruneConfig(structured=config != "l0_unstructured",
                                               gate_grad="expected"))
         dp.get_state(model).seed_noise(0)  # as the trainer does: backward redraws the noise
+        if config.endswith("_whole"):  # every embedding gated whole, as before rows.py
+            dp.get_state(model).row_targets.clear()
         if config.endswith("_separated"):
             _separate_gates(dp.get_state(model))
         if config == "fixmask":

@@ -12,6 +12,8 @@ Diff pruning (Guo, Rush & Kim, ACL 2021) keeps the pretrained theta0 frozen and 
 The :class:`DiffState` module is attached to the model as ``model.diffprune``. A forward pre-hook
 on the model's root computes every theta once per forward and sets it as a plain tensor
 attribute on each module that owns the parameter (tied parameters share one theta, sampled once).
+In a training forward with counter.py's gate, large untied embedding tables are the exception:
+their own pre-hook gates only the rows their input reads (rows.py).
 """
 from __future__ import annotations
 
