@@ -63,8 +63,8 @@ def test_training_steps_run_in_train_mode(tmp_path, tiny_model_dir, tiny_glue, m
     from diffprune import parametrize
     seen, real = [], parametrize.DiffState.thetas
     monkeypatch.setattr(parametrize.DiffState, "thetas",
-                        lambda self, stochastic=False: seen.append((self.stage, stochastic))
-                        or real(self, stochastic))
+                        lambda self, stochastic=False, *a: seen.append((self.stage, stochastic))
+                        or real(self, stochastic, *a))
     modes = []
     real_forward = torch.nn.Dropout.forward
     monkeypatch.setattr(torch.nn.Dropout, "forward",
