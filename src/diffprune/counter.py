@@ -5,7 +5,9 @@ The fused gate (fused.GatedDelta) spends most of its CPU time in elementwise pas
 gates: drawing the noise, its logit, the stretched sigmoid, the clamp, the product with w, and
 again in backward. Here each direction is one loop compiled by torch.compile (inductor's
 vectorised C++, all cores): forward writes theta = theta0 + z * zg * w, backward writes the
-gradients of w and log_alpha and the sum that gives zg's.
+gradients of w and log_alpha and the sum that gives zg's. A second pair does the same for
+chosen rows of a matrix (rows.GatedRows: the embedding rows a batch reads), with each
+entry's noise at its flat position in the whole matrix.
 
 The noise u of gate i is a pure function of (seed, i): two rounds of murmur3's 32-bit
 finaliser, whose top 24 bits make u in (0, 1), clamped into [_U_EPS, 1 - _U_EPS] as in
