@@ -249,22 +249,18 @@ class DiffState(nn.Module):
         thetas = [None] * len(self.targets)
         small = self._small_group(gen)
         if small:  # many small tensors in one pass (counter.GatedGroup)
-            consts = (counter.kernels(c.stretch_left, c.stretch_right, c.temperature, expected),
-                      counter.scalar(gen.seed32(), torch.int32),
-                      counter.scalar(self.logit_shift), self.gate_step)
             grouped = counter.GatedGroup.apply(
-                consts, *(self.theta0(i) for i in small), *(self.w[i] for i in small),
+                (*self._counter_consts(gen, expected), self.gate_step),
+                *(self.theta0(i) for i in small), *(self.w[i] for i in small),
                 *(self.log_alpha[i] for i in small), zg[small])
             for i, theta in zip(small, grouped):
                 thetas[i] = theta
         # the shift goes in as a scalar: a + shift (N entries) is never materialised
         for i, (w, a) in enumerate(zip(self.w, self.log_alpha)):
             if thetas[i] is None and self._by_rows(i, by_rows, gen):
-                consts = (counter.kernels(c.stretch_left, c.stretch_right, c.temperature,
-                                          expected),  # the seed GatedDelta would have drawn
-                          counter.scalar(gen.seed32(), torch.int32),
-                          counter.scalar(self.logit_shift))
-                self.rows_pending[i] = rows.Pending(*consts, zg[i], self.gate_step)
+                # drawn in GatedDelta's turn: the seed it would have drawn for this tensor
+                self.rows_pending[i] = rows.Pending(*self._counter_consts(gen, expected),
+                                                    zg[i], self.gate_step)
                 thetas[i] = self.theta0(i)
             elif thetas[i] is None:
                 thetas[i] = GatedDelta.apply(
@@ -272,6 +268,13 @@ class DiffState(nn.Module):
                     c.stretch_right, c.temperature if stochastic else 1.0, stochastic,
                     expected, gen, self.gate_step)
         return thetas
+
+    def _counter_consts(self, generator, expected: bool) -> tuple:
+        """(kernels, seed, shift) for counter.py's kernels; draws the next seed."""
+        c = self.config
+        return (counter.kernels(c.stretch_left, c.stretch_right, c.temperature, expected),
+                counter.scalar(generator.seed32(), torch.int32),
+                counter.scalar(self.logit_shift))
 
     def _by_rows(self, i: int, by_rows: bool, generator) -> bool:
         return (by_rows and i in self.row_targets and isinstance(generator, gates.CpuNoise)
