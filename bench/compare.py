@@ -104,7 +104,7 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
            "data_dir": args.data_dir, "max_train_samples": profile.max_train_samples,
            "epochs": profile.epochs, "fixmask_epochs": profile.fixmask_epochs,
            "out": str(out / "tmp" / path.stem), "resume": True, **profile.extra,
-           **variant_config(variant, profile)}
+           **variant_config(variant, profile), **args.overrides}
     results = None
     if args.reuse:
         from diffprune.train import TrainConfig
@@ -149,6 +149,25 @@ def _variants(profile: Profile, requested, on_disk: set[str]) -> tuple[str, ...]
     return profile.methods + tuple(dict.fromkeys(extra))
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``FIELD=VALUE`` pairs as TrainConfig fields; values are read as JSON where they parse
+    (numbers, true/false, null) and kept as strings otherwise."""
+    from dataclasses import fields
+    from diffprune.train import TrainConfig
+    names = {f.name for f in fields(TrainConfig)}
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             "TrainConfig's fields")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def _one(cfg_json: str) -> None:
     """Child process: one training run (its peak memory is its own)."""
     from diffprune.cli import tune_allocator
@@ -188,24 +207,38 @@ def main() -> None:
                    help="directories of run JSONs (e.g. bench/results/lr_sweep/runs) whose runs "
                         "with identical settings are taken instead of trained (the settings "
                         "are compared, not the code: reuse only runs of the same code)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="train only these of the profile's tasks, in this order")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override TrainConfig fields in every run (a study, e.g. "
+                        "lr_fixmask=3e-3); needs its own --out, so that the profile's results "
+                        "stay those of its settings")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return _one(args.one)
     profile = PROFILES[args.profile]
+    args.overrides = parse_overrides(args.set)
+    if args.overrides and not args.out:
+        raise SystemExit("--set changes the profile's settings: give the study its own --out")
     out = Path(args.out) if args.out else OUT / args.profile
     tasks = profile.tasks or tasks_present(args.data_dir)
+    unknown = [t for t in args.tasks or () if t not in tasks]
+    if unknown:
+        raise SystemExit(f"task(s) {unknown} not in the profile's {list(tasks)}")
+    # the asked-for tasks train first, in their order; the report covers every task
+    order = tuple(dict.fromkeys(list(args.tasks or ()) + list(tasks)))
     train_seeds = tuple(args.seeds or profile.seeds)
     done = _runs_on_disk(out)
     seeds = sorted(set(train_seeds) | set(profile.seeds) | {seed for _, seed in done})
     records = []
     # method-major: an interrupted run leaves complete rows
     for variant in _variants(profile, args.methods, {variant for variant, _ in done}):
-        for task in tasks:
+        for task in order:
             for seed in seeds:
                 path = out / "runs" / f"{task}-{variant}-s{seed}.json"
                 skip = (args.report_only or (args.methods and variant not in args.methods)
-                        or seed not in train_seeds)
+                        or seed not in train_seeds or (args.tasks and task not in args.tasks))
                 if skip and not path.exists():
                     continue
                 records.append(run_one(out, variant, task, seed, profile, args))
@@ -217,7 +250,10 @@ def main() -> None:
         + (f" --model {args.model}" if args.model else "")
         + (f" --methods {' '.join(args.methods)}" if args.methods else "")
         + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-        + (f" --reuse {' '.join(args.reuse)}" if args.reuse else ""))
+        + (f" --reuse {' '.join(args.reuse)}" if args.reuse else "")
+        + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
+        + (f" --set {' '.join(args.set)}" if args.set else "")
+        + (f" --out {args.out}" if args.out else ""))
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt)
 
