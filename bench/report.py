@@ -27,17 +27,19 @@ WATCHED = {"lr": ("diff",), "lr_fixmask": ("diff", "magnitude", "random"), "lr_h
 
 
 def earlier_defaults(rs: list[dict]) -> dict[str, dict]:
-    """{setting: {"values": [...], "now": default}} where these runs differ from today's
-    TrainConfig defaults."""
+    """{setting: {"values": [...], "now": default}} where these runs (one variant's) differ
+    from today's TrainConfig defaults at their density (the fixed-mask rate depends on it)."""
     from diffprune.train import TrainConfig
-    now, out = TrainConfig(), {}
+    out, now = {}, {}
     for r in rs:
         cfg = r.get("config") or {}
+        default = TrainConfig(**({"density": cfg["density"]} if "density" in cfg else {}))
         for key, methods in WATCHED.items():
             if key in cfg and (methods is None or cfg.get("method") in methods) \
-                    and cfg[key] != getattr(now, key):
+                    and cfg[key] != getattr(default, key):
                 out.setdefault(key, set()).add(cfg[key])
-    return {k: {"values": sorted(v), "now": getattr(now, k)} for k, v in out.items()}
+                now[key] = getattr(default, key)
+    return {k: {"values": sorted(v), "now": now[k]} for k, v in out.items()}
 
 
 def _mean(xs):

@@ -29,6 +29,12 @@ def test_only_settings_the_method_uses_are_compared_with_todays_defaults():
     assert report.earlier_defaults([record("full", "full", "a", 1, lr_head=1.0)]) == \
         {"lr_head": {"values": [1.0], "now": NOW.lr_head}}
     assert report.earlier_defaults([record("diff-s-0.005", "diff", "a", 1)]) == {}
+    # the fixed-mask rate's default depends on the density: 1e-3 at 0.5%, 3e-3 at 0.1%
+    assert report.earlier_defaults([record("diff-s-0.001", "diff", "a", 1, density=0.001,
+                                           lr_fixmask=3e-3)]) == {}
+    assert report.earlier_defaults([record("diff-s-0.001", "diff", "a", 1, density=0.001,
+                                           lr_fixmask=1e-3)]) == \
+        {"lr_fixmask": {"values": [1e-3], "now": 3e-3}}
 
 
 def test_table_marks_the_stale_row_and_says_why():

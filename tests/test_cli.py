@@ -1,4 +1,5 @@
 """The command line end to end on a tiny model and tiny data."""
+import argparse
 import json
 
 import pytest
@@ -7,7 +8,8 @@ from conftest import write_tiny_model_dir
 from transformers import AutoModelForSequenceClassification
 
 import diffprune as dp
-from diffprune.cli import main
+from diffprune.cli import _add_config_options, _config, main
+from diffprune.train import TrainConfig, default_lr_fixmask
 
 
 def _train(tmp_path, model_dir, glue, *extra, name="run"):
@@ -164,3 +166,16 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_model_dir, tiny_glue, ca
     capsys.readouterr()
     assert main(["-q", "predict", str(run / "diff"), "good", "--base", str(other)]) == 2
     assert "base fingerprint mismatch" in capsys.readouterr().err
+
+
+def test_fixmask_learning_rate_follows_the_density_unless_given():
+    # the measured rates at 0.5% and 0.1%, held beyond, geometric between
+    assert [default_lr_fixmask(d) for d in (0.0002, 0.001, 0.0025, 0.005, 0.01)] == \
+        [3e-3, 3e-3, 1.61e-3, 1e-3, 1e-3]
+    assert TrainConfig(density=0.001).lr_fixmask == 3e-3
+    assert TrainConfig(density=0.001, lr_fixmask=5e-4).lr_fixmask == 5e-4
+    parser = argparse.ArgumentParser()
+    _add_config_options(parser)
+    assert _config(parser.parse_args(["--density", "0.001"])).lr_fixmask == 3e-3
+    assert _config(parser.parse_args(["--density", "0.001", "--lr-fixmask", "2e-3"])
+                   ).lr_fixmask == 2e-3

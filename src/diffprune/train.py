@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import signal
 import time
 import zlib
@@ -42,6 +43,22 @@ log = logging.getLogger(__name__)
 PEFT_METHODS = ("lora", "shira")
 GATE_GROUPS = ("gates", "group_gates")
 METHODS = ("diff", "full", "magnitude", "bitfit", "random") + PEFT_METHODS
+
+
+# The fixed-mask phase's learning rate, measured at two densities (MiniLM, the quick
+# benchmark's sets, train mode): 1e-3 beat 5e-4 and 2e-3 at 0.5% (session 7); 3e-3 beat 1e-3
+# and 2e-3 at 0.1% (session 14).
+_LR_FIXMASK = ((0.005, 1e-3), (0.001, 3e-3))
+
+
+def default_lr_fixmask(density: float) -> float:
+    """The fixed-mask learning rate for a density: the measured rates at 0.5% and 0.1%, held
+    beyond them and interpolated geometrically (log rate linear in log density) between,
+    rounded to three significant digits (0.25%: 1.61e-3)."""
+    (d_hi, lr_hi), (d_lo, lr_lo) = _LR_FIXMASK
+    d = min(max(density, d_lo), d_hi)
+    t = math.log(d_hi / d) / math.log(d_hi / d_lo)
+    return float(f"{lr_hi * (lr_lo / lr_hi) ** t:.3g}")
 
 
 @dataclass
@@ -94,9 +111,10 @@ class TrainConfig:
     for MiniLM, see bench/README.md)."""
     lr_full: float = 5e-5
     """Learning rate of the dense phase (full finetuning, magnitude's first phase, BitFit)."""
-    lr_fixmask: float = 1e-3
-    """Learning rate of the fixed-mask phase (paper: 5e-5; 0.5% of the entries need larger
-    steps: 1e-3 chosen by measurement over 5e-4 and 2e-3, bench/README.md, session 7)."""
+    lr_fixmask: float | None = None
+    """Learning rate of the fixed-mask phase (paper: 5e-5). Default by --density
+    (default_lr_fixmask): 1e-3 at 0.5% and above, 3e-3 at 0.1% and below, geometric in
+    between; fewer entries need larger steps (measured, bench/README.md, sessions 7 and 14)."""
     lr_gate: float | None = None
     """Learning rate of log_alpha; default max(0.1, 100 / gated L0 steps): a gate with steady
     evidence can move ~50 logits over the phase however short it is (paper: 0.1, over tens
@@ -162,6 +180,8 @@ class TrainConfig:
     """'auto' (bf16 autocast on a GPU that supports it, fp32 otherwise), 'fp32' or 'bf16'."""
 
     def __post_init__(self) -> None:
+        if self.lr_fixmask is None:
+            self.lr_fixmask = default_lr_fixmask(self.density)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if not 0.0 < self.density <= 1.0:
