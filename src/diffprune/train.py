@@ -46,8 +46,8 @@ METHODS = ("diff", "full", "magnitude", "bitfit", "random") + PEFT_METHODS
 
 
 # The fixed-mask phase's learning rate, measured at two densities (MiniLM, the quick
-# benchmark's sets, train mode): 1e-3 beat 5e-4 and 2e-3 at 0.5% (session 7); 3e-3 beat 1e-3
-# and 2e-3 at 0.1% (session 14).
+# benchmark's sets): 1e-3 beat 5e-4 and 2e-3 at 0.5% (session 7, eval mode); 3e-3 beat 1e-3
+# at 0.1% on two seeds and 2e-3 on one (session 14, train mode).
 _LR_FIXMASK = ((0.005, 1e-3), (0.001, 3e-3))
 
 
