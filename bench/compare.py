@@ -49,8 +49,10 @@ DENSITIES = ("0.001", "0.0025", "0.005", "0.01")
 # telling ones first); the quick profile takes the first eight.
 FIRST = ("full", "lora", "shira", "diff-s-0.005", "magnitude", "bitfit", "diff-s-0.001",
          "diff-u-0.005")
+# the magnitude baseline at the other densities ("magnitude" alone is 0.5%)
 ALL_METHODS = FIRST + tuple(v for v in (f"diff-{k}-{d}" for k in "su" for d in DENSITIES)
-                            if v not in FIRST)
+                            if v not in FIRST) \
+    + tuple(f"magnitude-{d}" for d in DENSITIES if d != "0.005")
 PROFILES = {
     # 2-core CPU, about two hours: 1,000 examples per task, 2 + 2 epochs, one seed; diff
     # pruning structured at 0.5% and 0.1%, unstructured at 0.5% (the full profile runs every
@@ -77,6 +79,8 @@ def variant_config(variant: str, profile: Profile) -> dict:
     if variant.startswith("diff-"):
         _, kind, density = variant.split("-")
         return {"method": "diff", "structured": kind == "s", "density": float(density)}
+    if variant.startswith("magnitude-"):
+        return {"method": "magnitude", "density": float(variant.split("-")[1])}
     return {"full": {"method": "full", "epochs": both},
             "magnitude": {"method": "magnitude", "density": 0.005},
             # BitFit's paper tunes lr in 1e-4..1e-3; the finetuning lr would starve it

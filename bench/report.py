@@ -17,6 +17,8 @@ def label(variant: str) -> str:
     if variant.startswith("diff-"):
         _, kind, density = variant.split("-")
         return f"diff pruning, {'structured' if kind == 's' else 'unstructured'} {100 * float(density):g}%"
+    if variant.startswith("magnitude-"):
+        return f"magnitude ({100 * float(variant.split('-')[1]):g}%)"
     return LABELS.get(variant, variant)
 
 
@@ -146,12 +148,13 @@ def plot_scores(rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for prefix, name, style in (("diff-s-", "diff pruning (structured)", "o-"),
-                                ("diff-u-", "diff pruning (unstructured)", "s--")):
+                                ("diff-u-", "diff pruning (unstructured)", "s--"),
+                                ("magnitude", "magnitude (not learned)", "v:")):
         pts = sorted((rows[v]["pct_params"], rows[v]["average"]) for v in rows
                      if v.startswith(prefix) and rows[v]["average"] is not None)
         if pts:
             ax.plot(*zip(*pts), style, label=name)
-    for v in ("full", "magnitude", "bitfit", "lora", "shira"):
+    for v in ("full", "bitfit", "lora", "shira"):
         if v in rows and rows[v]["average"] is not None:
             x = 100 if v == "full" else rows[v]["pct_params"]
             ax.plot(x, rows[v]["average"], "^", markersize=8, label=label(v))

@@ -142,3 +142,21 @@ def test_compare_profiles_epochs_rule():
     assert compare.variant_config("full", paper)["epochs"] == 3
     assert (paper.epochs, paper.fixmask_epochs) == (3, 3)
     assert "epochs" not in compare.variant_config("diff-s-0.005", paper)  # the profile's 3 + 3
+
+
+def test_compare_magnitude_at_other_densities():
+    """"magnitude" is the baseline at 0.5%; magnitude-D runs it at another density D, and
+    the report labels each by its density."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import compare
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    quick = compare.PROFILES["quick"]
+    assert compare.variant_config("magnitude", quick) == {"method": "magnitude", "density": 0.005}
+    assert compare.variant_config("magnitude-0.001", quick) == {"method": "magnitude",
+                                                                "density": 0.001}
+    assert "magnitude-0.001" in compare.ALL_METHODS and "magnitude-0.005" not in compare.ALL_METHODS
+    assert [report.label(v) for v in ("magnitude", "magnitude-0.001", "magnitude-0.0025")] == \
+        ["magnitude (0.5%)", "magnitude (0.1%)", "magnitude (0.25%)"]
