@@ -25,12 +25,12 @@ def label(variant: str) -> str:
 # Settings a score depends on, with the methods that use them (None: every method). A run
 # trained with another value than today's default is marked in the table: its row predates a
 # change of default and has not been retrained.
-WATCHED = {"lr": ("diff",), "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
+WATCHED = {"lr": ("diff",), "controller_warmup": ("diff",), "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
 
 
 def earlier_defaults(rs: list[dict]) -> dict[str, dict]:
     """{setting: {"values": [...], "now": default}} where these runs (one variant's) differ
-    from today's TrainConfig defaults at their density (the fixed-mask rate depends on it)."""
+    from today's TrainConfig defaults at their density (some defaults depend on it)."""
     from diffprune.train import TrainConfig
     out, now = {}, {}
     for r in rs:

@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 import diffprune as dp
 from diffprune.cli import _add_config_options, _config, main
+from diffprune.errors import ConfigError
 from diffprune.train import TrainConfig, default_lr_fixmask
 
 
@@ -168,10 +169,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_model_dir, tiny_glue, ca
     assert "base fingerprint mismatch" in capsys.readouterr().err
 
 
-def test_fixmask_learning_rate_follows_the_density_unless_given():
-    # the measured rates at 0.5% and 0.1%, held beyond, geometric between
-    assert [default_lr_fixmask(d) for d in (0.0002, 0.001, 0.0025, 0.005, 0.01)] == \
-        [3e-3, 3e-3, 1.61e-3, 1e-3, 1e-3]
+def test_density_dependent_defaults_unless_given():
+    # the measured values at 0.5% and 0.1%, held beyond, interpolated between
+    densities = (0.0002, 0.001, 0.0025, 0.005, 0.01)
+    assert [default_lr_fixmask(d) for d in densities] == [3e-3, 3e-3, 1.61e-3, 1e-3, 1e-3]
+    assert [TrainConfig(density=d).controller_warmup for d in densities] == \
+        [0.8, 0.8, 0.629, 0.5, 0.5]
+    assert TrainConfig(density=0.001, controller_warmup=0.3).controller_warmup == 0.3
+    with pytest.raises(ConfigError, match="controller_warmup"):
+        TrainConfig(controller_warmup=0.0)
     assert TrainConfig(density=0.001).lr_fixmask == 3e-3
     assert TrainConfig(density=0.001, lr_fixmask=5e-4).lr_fixmask == 5e-4
     parser = argparse.ArgumentParser()
@@ -179,3 +185,6 @@ def test_fixmask_learning_rate_follows_the_density_unless_given():
     assert _config(parser.parse_args(["--density", "0.001"])).lr_fixmask == 3e-3
     assert _config(parser.parse_args(["--density", "0.001", "--lr-fixmask", "2e-3"])
                    ).lr_fixmask == 2e-3
+    assert _config(parser.parse_args(["--density", "0.001"])).controller_warmup == 0.8
+    assert _config(parser.parse_args(["--density", "0.001", "--controller-warmup", "0.6"])
+                   ).controller_warmup == 0.6
