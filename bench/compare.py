@@ -49,7 +49,8 @@ DENSITIES = ("0.001", "0.0025", "0.005", "0.01")
 # telling ones first); the quick profile takes the first eight.
 FIRST = ("full", "lora", "shira", "diff-s-0.005", "magnitude", "bitfit", "diff-s-0.001",
          "diff-u-0.005")
-# the magnitude baseline at the other densities ("magnitude" alone is 0.5%)
+# every diff-pruning density, then the magnitude baseline at the densities other than its
+# own 0.5% ("magnitude")
 ALL_METHODS = FIRST + tuple(v for v in (f"diff-{k}-{d}" for k in "su" for d in DENSITIES)
                             if v not in FIRST) \
     + tuple(f"magnitude-{d}" for d in DENSITIES if d != "0.005")

@@ -25,7 +25,8 @@ def label(variant: str) -> str:
 # Settings a score depends on, with the methods that use them (None: every method). A run
 # trained with another value than today's default is marked in the table: its row predates a
 # change of default and has not been retrained.
-WATCHED = {"lr": ("diff",), "controller_warmup": ("diff",), "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
+WATCHED = {"lr": ("diff",), "controller_warmup": ("diff",),
+           "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
 
 
 def earlier_defaults(rs: list[dict]) -> dict[str, dict]:
