@@ -86,11 +86,62 @@ def aggregate(records: list[dict], tasks: tuple[str, ...]) -> dict:
     return rows
 
 
+def paired(records: list[dict], tasks: tuple[str, ...], a: str, b: str) -> dict | None:
+    """Variant ``a`` against ``b`` on the seeds both finished every task of: per seed, the
+    difference of the averages over tasks (a - b); and over the matched task-seeds, how
+    often a scored higher, the same, or lower. None when no seed is shared. The main table
+    averages each method over its own seeds; this compares like with like."""
+    score = {(r["variant"], r["task"], r["seed"]): r["score"] for r in records}
+    seeds = sorted({s for (v, _, s) in score if v == a}
+                   & {s for (v, _, s) in score if v == b})
+    seeds = [s for s in seeds if all((v, t, s) in score for v in (a, b) for t in tasks)]
+    if not seeds:
+        return None
+    per_seed = [_mean([score[a, t, s] - score[b, t, s] for t in tasks]) for s in seeds]
+    pairs = [score[a, t, s] - score[b, t, s] for s in seeds for t in tasks]
+    return {"seeds": seeds, "per_seed": per_seed, "mean": _mean(per_seed),
+            "better": sum(d > 0 for d in pairs), "same": sum(d == 0 for d in pairs),
+            "worse": sum(d < 0 for d in pairs)}
+
+
+def _magnitude_at(variant: str) -> str:
+    """The magnitude baseline at a diff-pruning variant's density."""
+    density = variant.split("-")[2]
+    return "magnitude" if float(density) == 0.005 else f"magnitude-{density}"
+
+
+def pairings(records: list[dict], tasks: tuple[str, ...], variants) -> list[tuple]:
+    """(a, b, paired(a, b)) for every variant against full finetuning, and diff pruning
+    also against LoRA, SHiRA and the magnitude mask at its density; pairs without a shared
+    seed are left out."""
+    out = []
+    for a in variants:
+        against = ["full"] + (["lora", "shira", _magnitude_at(a)] if a.startswith("diff-")
+                              else [])
+        for b in against:
+            if a != b and b in variants:
+                p = paired(records, tasks, a, b)
+                if p is not None:
+                    out.append((a, b, p))
+    return out
+
+
+def paired_table(records: list[dict], tasks: tuple[str, ...], order: list[str]) -> list[str]:
+    lines = ["| method | against | seeds | average difference per seed | mean | task-seeds "
+             "better / same / worse |", "|---|---|---|---|---|---|"]
+    for a, b, p in pairings(records, tasks, order):
+        lines.append(f"| {label(a)} | {label(b)} | {', '.join(map(str, p['seeds']))} | "
+                     + ", ".join(f"{d:+.2f}" for d in p["per_seed"])
+                     + f" | {p['mean']:+.2f} | {p['better']} / {p['same']} / {p['worse']} |")
+    return lines if len(lines) > 2 else []
+
+
 def _fmt(x, spec=".2f"):
     return "" if x is None else format(x, spec)
 
 
-def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int) -> list[str]:
+def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
+           records: list[dict] = ()) -> list[str]:
     order = sorted(rows, key=lambda v: (v != "full", not v.startswith("diff-s"),
                                         not v.startswith("diff-u"), v))
     main = ["| method | seeds | % params per task | " + " | ".join(tasks)
@@ -135,7 +186,14 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int) -> list[str]:
             l0.append(f"| {label(v)} | {e['task']} | {e['seed']} | {e['l0_density']:.5f} | "
                       f"{e['l0_dev']:.2f} | {e['projection_dev']:.2f} | {e['final']:.2f} | "
                       f"{e['by_delta']} / {e['by_fill']} |")
-    return ["## Dev scores", "", *main, "", "## Storage per task", "", *storage, "",
+    pairs = paired_table(list(records), tasks, order)
+    if pairs:
+        pairs = ["## Paired on the same seeds", "",
+                 "Each method against full finetuning (and diff pruning against LoRA, SHiRA "
+                 "and the magnitude mask at its density) on the seeds both finished every task of: the difference of the "
+                 "averages, per seed and their mean, and how many task-seeds scored higher, "
+                 "the same, or lower.", "", *pairs, ""]
+    return ["## Dev scores", "", *main, "", *pairs, "## Storage per task", "", *storage, "",
             "## Training cost (this machine)", "",
             "Wall time and peak resident memory of each run's process. The machine was not "
             "isolated: other jobs shared its 2 CPUs during some runs, so wall times are rough; "
@@ -207,9 +265,10 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
     prev = json.loads(old.read_text()) if old.exists() else {}
     commands = with_command(prev.get("commands") or
                             ([prev["command"]] if "command" in prev else []), command)
-    (out / "results.json").write_text(json.dumps({"commands": commands, "tasks": list(tasks),
-                                                  "full_checkpoint_bytes": ckpt_bytes,
-                                                  "methods": rows}, indent=1))
+    pairs = [{"method": a, "against": b, **p} for a, b, p in pairings(records, tasks, rows)]
+    summary = {"commands": commands, "tasks": list(tasks), "full_checkpoint_bytes": ckpt_bytes,
+               "methods": rows, "paired": pairs}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     if rows:
         plot_scores(rows, out / "score_vs_params.png")
     structured = sorted({r["variant"] for r in records if r["variant"].startswith("diff-s-")},
@@ -235,7 +294,7 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
             "since commit 1f3b4f8 (session 11) train in train mode, as `transformers`' "
             "Trainer does (dropout on, diff pruning's gates sampled); earlier runs trained in "
             "eval mode (bench/README.md, session 11).", "",
-            *tables(rows, tasks, ckpt_bytes), "",
+            *tables(rows, tasks, ckpt_bytes, records), "",
             "![average score vs parameters](score_vs_params.png)", ""]
     if has_nz:
         text += [f"Where {label(structured[0])} puts its nonzeros, summed over the tasks "

@@ -56,3 +56,31 @@ def test_a_command_run_again_moves_to_the_end_and_report_only_adds_nothing():
     assert report.with_command([a, b, c], a) == [b, c, a]
     assert report.with_command([a, b], c) == [a, b, c]
     assert report.with_command([a, b], None) == [a, b]
+
+
+def test_methods_are_paired_on_the_seeds_both_finished_every_task_of():
+    tasks = ("a", "b")
+    scores = {("full", 1): (80, 60), ("full", 2): (82, 62), ("diff-s-0.005", 1): (81, 59),
+              ("diff-s-0.005", 2): (80, 62), ("lora", 1): (79, 60), ("lora", 3): (90, 90),
+              ("bitfit", 2): (70, 50), ("magnitude", 2): (80, 62),
+              ("magnitude-0.001", 1): (80, 60)}
+    records = [{**record(v, v.split("-")[0], t, sc), "seed": seed}
+               for (v, seed), pair in scores.items() for t, sc in zip(tasks, pair)]
+    # lora seed 2 is missing a task: not a shared seed
+    records.append({**record("lora", "lora", "a", 99), "seed": 2})
+    p = report.paired(records, tasks, "diff-s-0.005", "full")
+    assert p["seeds"] == [1, 2] and p["per_seed"] == [0.0, -1.0] and p["mean"] == -0.5
+    assert (p["better"], p["same"], p["worse"]) == (1, 1, 2)
+    p = report.paired(records, tasks, "diff-s-0.005", "lora")
+    assert p["seeds"] == [1] and p["per_seed"] == [0.5] and (p["better"], p["worse"]) == (1, 1)
+    assert report.paired(records, tasks, "bitfit", "lora") is None
+    # other methods are paired with full finetuning only; diff pruning also with the peers
+    # and with the magnitude mask at its own density
+    variants = ["full", "diff-s-0.005", "lora", "bitfit", "magnitude", "magnitude-0.001"]
+    got = {(a, b) for a, b, _ in report.pairings(records, tasks, variants)}
+    assert got == {("diff-s-0.005", "full"), ("diff-s-0.005", "lora"), ("lora", "full"),
+                   ("bitfit", "full"), ("diff-s-0.005", "magnitude"), ("magnitude", "full"),
+                   ("magnitude-0.001", "full")}
+    lines = report.paired_table(records, tasks, ["full", "diff-s-0.005", "lora", "bitfit"])
+    assert "| diff pruning, structured 0.5% | full finetuning | 1, 2 | +0.00, -1.00 | -0.50 " \
+           "| 1 / 1 / 2 |" in lines
