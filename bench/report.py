@@ -29,14 +29,16 @@ WATCHED = {"lr": ("diff",), "controller_warmup": ("diff",),
            "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
 
 
-def earlier_defaults(rs: list[dict]) -> dict[str, dict]:
+def earlier_defaults(rs: list[dict], fields: dict | None = None) -> dict[str, dict]:
     """{setting: {"values": [...], "now": default}} where these runs (one variant's) differ
-    from today's TrainConfig defaults at their density (some defaults depend on it)."""
+    from today's TrainConfig defaults at their density (some defaults depend on it), with the
+    variant's own settings (``fields``, compare.variant_config: BitFit's head rate) on top."""
     from diffprune.train import TrainConfig
     out, now = {}, {}
     for r in rs:
         cfg = r.get("config") or {}
-        default = TrainConfig(**({"density": cfg["density"]} if "density" in cfg else {}))
+        default = TrainConfig(**{**({"density": cfg["density"]} if "density" in cfg else {}),
+                                 **(fields or {})})
         for key, methods in WATCHED.items():
             if key in cfg and (methods is None or cfg.get("method") in methods) \
                     and cfg[key] != getattr(default, key):
@@ -49,8 +51,9 @@ def _mean(xs):
     return statistics.mean(xs) if xs else None
 
 
-def aggregate(records: list[dict], tasks: tuple[str, ...]) -> dict:
-    """Per variant: mean score per task (over seeds), average, and per-task costs."""
+def aggregate(records: list[dict], tasks: tuple[str, ...], fields=None) -> dict:
+    """Per variant: mean score per task (over seeds), average, and per-task costs.
+    ``fields(variant)``: the TrainConfig fields the variant sets itself (None: none)."""
     by = defaultdict(list)
     for r in records:
         by[r["variant"]].append(r)
@@ -75,7 +78,7 @@ def aggregate(records: list[dict], tasks: tuple[str, ...]) -> dict:
             "wall_time_s": _mean([r["wall_time_s"] for r in rs]),
             "peak_memory_bytes": _mean([r["peak_memory_bytes"] for r in rs]),
             "rank": rs[0].get("rank"),
-            "earlier_defaults": earlier_defaults(rs),
+            "earlier_defaults": earlier_defaults(rs, fields and fields(variant)),
             "l0": [{"task": r["task"], "seed": r["seed"], "l0_dev": r["phases"]["l0"]["dev"]["score"],
                     "l0_density": r["phases"]["l0"]["expected_density"],
                     "projection_dev": r["projection"]["dev"]["score"], "final": r["score"],
@@ -259,8 +262,8 @@ def with_command(commands: list[str], command: str | None) -> list[str]:
 
 
 def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile,
-                 command: str | None, ckpt_bytes: int) -> None:
-    rows = aggregate(records, tasks)
+                 command: str | None, ckpt_bytes: int, fields=None) -> None:
+    rows = aggregate(records, tasks, fields)
     old = out / "results.json"  # the commands that trained these runs, oldest first
     prev = json.loads(old.read_text()) if old.exists() else {}
     commands = with_command(prev.get("commands") or

@@ -36,6 +36,13 @@ def test_only_settings_the_method_uses_are_compared_with_todays_defaults():
                                            lr_fixmask=1e-3)]) == \
         {"lr_fixmask": {"values": [1e-3], "now": 3e-3}}
 
+    # a variant's own setting (BitFit's head rate) is its default, not TrainConfig's
+    bitfit = {"method": "bitfit", "lr_full": 1e-3, "lr_head": 1e-3}
+    assert report.earlier_defaults([record("bitfit", "bitfit", "a", 1, lr_head=1e-3)],
+                                   bitfit) == {}
+    assert report.earlier_defaults([record("bitfit", "bitfit", "a", 1)], bitfit) == \
+        {"lr_head": {"values": [NOW.lr_head], "now": 1e-3}}
+
 
 def test_table_marks_the_stale_row_and_says_why():
     old = NOW.lr_fixmask / 5
