@@ -174,7 +174,7 @@ def test_density_dependent_defaults_unless_given():
     densities = (0.0002, 0.001, 0.0025, 0.005, 0.01)
     assert [default_lr_fixmask(d) for d in densities] == [3e-3, 3e-3, 1.61e-3, 1e-3, 1e-3]
     assert [TrainConfig(density=d).controller_warmup for d in densities] == \
-        [0.8, 0.8, 0.629, 0.5, 0.5]
+        [1.0, 1.0, 0.715, 0.5, 0.5]
     assert TrainConfig(density=0.001, controller_warmup=0.3).controller_warmup == 0.3
     with pytest.raises(ConfigError, match="controller_warmup"):
         TrainConfig(controller_warmup=0.0)
@@ -185,6 +185,6 @@ def test_density_dependent_defaults_unless_given():
     assert _config(parser.parse_args(["--density", "0.001"])).lr_fixmask == 3e-3
     assert _config(parser.parse_args(["--density", "0.001", "--lr-fixmask", "2e-3"])
                    ).lr_fixmask == 2e-3
-    assert _config(parser.parse_args(["--density", "0.001"])).controller_warmup == 0.8
+    assert _config(parser.parse_args(["--density", "0.001"])).controller_warmup == 1.0
     assert _config(parser.parse_args(["--density", "0.001", "--controller-warmup", "0.6"])
                    ).controller_warmup == 0.6
