@@ -188,3 +188,14 @@ def test_density_dependent_defaults_unless_given():
     assert _config(parser.parse_args(["--density", "0.001"])).controller_warmup == 1.0
     assert _config(parser.parse_args(["--density", "0.001", "--controller-warmup", "0.6"])
                    ).controller_warmup == 0.6
+
+
+def test_bitfit_trains_its_biases_and_head_at_its_own_rate_unless_given():
+    assert (TrainConfig().lr_full, TrainConfig().lr_head) == (5e-5, 1e-4)
+    assert (TrainConfig(method="bitfit").lr_full, TrainConfig(method="bitfit").lr_head) == \
+        (1e-3, 1e-3)
+    assert TrainConfig(method="bitfit", lr_full=5e-4).lr_head == 5e-4
+    parser = argparse.ArgumentParser()
+    _add_config_options(parser)
+    got = _config(parser.parse_args(["--method", "bitfit", "--lr-head", "2e-4"]))
+    assert (got.lr_full, got.lr_head) == (1e-3, 2e-4)
