@@ -260,7 +260,7 @@ def main() -> None:
         + (f" --set {' '.join(args.set)} --out {args.out}" if args.set else ""))
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt,
-                 fields=lambda variant: variant_config(variant, profile))
+                 variant_fields=lambda variant: variant_config(variant, profile))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,10 @@ def _mean(xs):
     return statistics.mean(xs) if xs else None
 
 
-def aggregate(records: list[dict], tasks: tuple[str, ...], fields=None) -> dict:
+def aggregate(records: list[dict], tasks: tuple[str, ...], variant_fields=None) -> dict:
     """Per variant: mean score per task (over seeds), average, and per-task costs.
-    ``fields(variant)``: the TrainConfig fields the variant sets itself (None: none)."""
+    ``variant_fields(variant)``: the TrainConfig fields the variant sets itself (None:
+    none)."""
     by = defaultdict(list)
     for r in records:
         by[r["variant"]].append(r)
@@ -78,7 +79,7 @@ def aggregate(records: list[dict], tasks: tuple[str, ...], fields=None) -> dict:
             "wall_time_s": _mean([r["wall_time_s"] for r in rs]),
             "peak_memory_bytes": _mean([r["peak_memory_bytes"] for r in rs]),
             "rank": rs[0].get("rank"),
-            "earlier_defaults": earlier_defaults(rs, fields and fields(variant)),
+            "earlier_defaults": earlier_defaults(rs, variant_fields and variant_fields(variant)),
             "l0": [{"task": r["task"], "seed": r["seed"], "l0_dev": r["phases"]["l0"]["dev"]["score"],
                     "l0_density": r["phases"]["l0"]["expected_density"],
                     "projection_dev": r["projection"]["dev"]["score"], "final": r["score"],
@@ -262,8 +263,8 @@ def with_command(commands: list[str], command: str | None) -> list[str]:
 
 
 def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile,
-                 command: str | None, ckpt_bytes: int, fields=None) -> None:
-    rows = aggregate(records, tasks, fields)
+                 command: str | None, ckpt_bytes: int, variant_fields=None) -> None:
+    rows = aggregate(records, tasks, variant_fields)
     old = out / "results.json"  # the commands that trained these runs, oldest first
     prev = json.loads(old.read_text()) if old.exists() else {}
     commands = with_command(prev.get("commands") or

@@ -5,7 +5,9 @@ One run measures, side by side on the same model, batch and sequence length: ful
 gate, density controller), from freshly initialised gates (every gate's sample depends on its
 noise: the first steps) and, structured, with separated gates (2.5% still open to the noise,
 as at the end of a real L0 phase: the numpy stream draws no noise for the others); the
-fixed-mask phase at 0.5%; and, for comparison, the structured L0 phase with the embeddings
+fixed-mask phase at 0.5%; full finetuning again in a second process ("full_again": the
+same work, so its ratio shows how far two processes differ: the benchmark's own spread);
+and, for comparison, the structured L0 phase with the embeddings
 gated whole, as before rows.py ("l0_structured_whole"), and with the gate of before
 counter.py (numpy's noise stream, eager passes: "l0_structured_stream"). The batch's token
 ids are drawn uniformly from the vocabulary (about 3,800 distinct rows in 32 x 128 tokens;
@@ -36,8 +38,8 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "train_cost"
-CONFIGS = ("full", "l0_structured", "l0_unstructured", "l0_structured_separated",
-           "l0_structured_whole", "l0_structured_stream", "fixmask")
+CONFIGS = ("full", "full_again", "l0_structured", "l0_unstructured",
+           "l0_structured_separated", "l0_structured_whole", "l0_structured_stream", "fixmask")
 EXTRA_CONFIGS = ("l0_structured_1thread",)  # only when asked for with --configs
 WARMUP = 3  # untimed steps of each configuration
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
@@ -94,7 +96,7 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     model, _ = load_model(model_name, {"num_labels": 2})
     model.train()
     controller = None
-    if config == "full":
+    if config.startswith("full"):
         opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
     else:
         dp.prepare_(model, dp.DiffPruneConfig(structured=config != "l0_unstructured",

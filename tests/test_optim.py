@@ -59,20 +59,27 @@ def test_shared_rms_state_round_trips():
     assert torch.equal(p, clone)
 
 
-@pytest.mark.parametrize("noise", ["counter", "stream"])
+@pytest.mark.parametrize("noise", ["counter", "counter-large", "stream"])
 @pytest.mark.parametrize("kernel", [True, False])
 def test_gate_step_inside_backward_matches_adamw(kernel, noise, monkeypatch):
     """optim.GateStep: the gates step inside the fused gate's backward (in 3 spans per
     tensor here; with torch's fused AdamW kernel or its formula in plain ops; with
     counter.py's kernels or the numpy stream) and keep no gradient; after 4 steps every w,
-    log_alpha and head entry equals plain AdamW's (fused and unfused kernels) within 1e-6."""
+    log_alpha and head entry equals plain AdamW's (fused and unfused kernels) within 1e-6.
+    "counter-large": tensors of 500 entries or more are not gated together, so they take
+    GatedDelta's path, whose backward kernel also takes the AdamW step (backward_step)."""
     if not kernel:
         monkeypatch.setattr(optim, "_FUSED_ADAMW", None)
     import diffprune as dp
     from diffprune import counter, fused
     from diffprune.optim import GateStep
     from conftest import batch, tiny_bert
-    monkeypatch.setattr(counter, "ENABLED", noise == "counter")
+    monkeypatch.setattr(counter, "ENABLED", noise != "stream")
+    if noise == "counter-large":
+        monkeypatch.setattr(counter, "SMALL", 500)
+        calls = []
+        monkeypatch.setattr(counter.Kernels, "backward_step",
+                            lambda self, *a: calls.append(1) or self._call(4, *a))
     monkeypatch.setattr(counter, "CHUNK", 600)  # the 99 x 16 embedding: 3 spans
     monkeypatch.setattr(fused, "CHUNK", 600)
 
@@ -100,3 +107,5 @@ def test_gate_step_inside_backward_matches_adamw(kernel, noise, monkeypatch):
     for got in (run(True, False), run(True, True), run(False, True)):
         for x, y in zip(ref, got):
             assert torch.allclose(x, y, atol=1e-6), (x - y).abs().max()
+    if noise == "counter-large":
+        assert calls  # the fused step ran (in the in-backward runs)

@@ -5,7 +5,9 @@ The fused gate (fused.GatedDelta) spends most of its CPU time in elementwise pas
 gates: drawing the noise, its logit, the stretched sigmoid, the clamp, the product with w, and
 again in backward. Here each direction is one loop compiled by torch.compile (inductor's
 vectorised C++, all cores): forward writes theta = theta0 + z * zg * w, backward writes the
-gradients of w and log_alpha and the sum that gives zg's. A second pair does the same for
+gradients of w and log_alpha and the sum that gives zg's (or, when log_alpha steps inside
+backward, backward_step takes its AdamW step in the same loop instead of writing its
+gradient). A second pair does the same for
 chosen rows of a matrix (rows.GatedRows: the embedding rows a batch reads), with each
 entry's noise at its flat position in the whole matrix.
 
@@ -117,6 +119,22 @@ def _make(left: float, right: float, temperature: float, expected_grad: bool):
         out_a.copy_(grad_a)
         return dot.sum()
 
+    def backward_step(g, w, a, m, v, shift, zg, seed, offset, out_w, decay, beta1, rest1,
+                      beta2, rest2, eps, step_size, root_bc2):
+        """backward, then AdamW's step of the span's logits a with the gradient just
+        computed from the old a (optim.SpanStep's maths; ``decay`` = 1 - lr * weight_decay,
+        ``rest1`` = 1 - beta1 and ``rest2`` = 1 - beta2, each rounded once from double, as
+        torch's AdamW does): a and its moments m, v are updated in place, and no gradient
+        of a is written."""
+        grad_w, grad_a, dot = terms(g, w, a, shift, zg, seed, positions(g.numel(), offset))
+        out_w.copy_(grad_w)
+        m_new = m + (grad_a - m) * rest1
+        v_new = v * beta2 + grad_a * grad_a * rest2
+        a.copy_(a * decay - step_size * m_new / (torch.sqrt(v_new) / root_bc2 + eps))
+        m.copy_(m_new)
+        v.copy_(v_new)
+        return dot.sum()
+
     def forward_rows(theta0, w, a, shift, zg, seed, rows):  # (V, D) each, rows (k,) -> (k, D)
         pos = row_positions(rows, w.shape[1])
         return theta0[rows] + gate(a[rows], shift, seed, pos) * zg * w[rows]
@@ -126,7 +144,7 @@ def _make(left: float, right: float, temperature: float, expected_grad: bool):
                                     row_positions(rows, w.shape[1]))
         return grad_w, grad_a, dot.sum()
 
-    return forward, backward, forward_rows, backward_rows, terms
+    return forward, backward, forward_rows, backward_rows, backward_step, terms
 
 
 class Kernels:
@@ -158,6 +176,9 @@ class Kernels:
 
     def backward_rows(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._call(3, *args)
+
+    def backward_step(self, *args) -> torch.Tensor:
+        return self._call(4, *args)
 
 
 _KERNELS: dict[tuple, Kernels] = {}

@@ -189,8 +189,9 @@ class GatedDelta(torch.autograd.Function):
     same order, so no temporary is larger than a chunk.
 
     ``gate_step`` (optim.GateStep): log_alpha takes its optimizer step inside backward, span
-    by span, as soon as its gradient is known, instead of keeping an N-sized gradient for
-    the optimizer; log_alpha.grad stays None. Exact for gates that are not clipped together
+    by span, as soon as its gradient is known (with counter.py's kernels, in the same
+    loop), instead of keeping an N-sized gradient for the optimizer; log_alpha.grad stays
+    None. Exact for gates that are not clipped together
     with other parameters (under DDP the stepper averages each span across ranks first)."""
 
     @staticmethod
@@ -252,10 +253,14 @@ class GatedDelta(torch.autograd.Function):
             gen = replay(kind[0], rng_state, kind[1])
         grad_w = torch.empty_like(w) if need_w else None
         stepper = ctx.gate_step if need_a else None
+        in_kernel, span_a = False, None
         if stepper is not None:  # log_alpha steps here, span by span; no gradient is kept
             grad_a, update = None, stepper.begin(ctx.log_alpha)
-            span_a = torch.empty(min(ctx.chunk, log_alpha.numel()), dtype=log_alpha.dtype,
-                                 device=log_alpha.device)
+            # with the compiled kernels, in the same loop that computes the gradient
+            in_kernel = ctx.counter is not None and update.in_kernel
+            span_a = None if in_kernel else torch.empty(
+                min(ctx.chunk, log_alpha.numel()), dtype=log_alpha.dtype,
+                device=log_alpha.device)
         else:
             grad_a = torch.empty_like(log_alpha) if need_a else None
         grad_zg = torch.zeros((), dtype=w.dtype, device=w.device) if need_zg else None
@@ -263,9 +268,11 @@ class GatedDelta(torch.autograd.Function):
         for i, s in enumerate(_spans(wf.numel(), ctx.chunk)):
             g_s = gf[s].to(w.dtype)
             out_w = None if grad_w is None else grad_w.view(-1)[s]
-            out_a = (span_a[:s.stop - s.start] if stepper is not None else
+            out_a = (span_a[:s.stop - s.start] if span_a is not None else
                      None if grad_a is None else grad_a.view(-1)[s])
-            if ctx.counter is not None:
+            if in_kernel:
+                dot = _counted_backward_step(ctx.counter, s, g_s, wf[s], out_w, update)
+            elif ctx.counter is not None:
                 dot = _counted_backward(ctx.counter, s, g_s, wf[s], af[s], out_w, out_a)
             else:
                 if ctx.plan is not None:
@@ -278,7 +285,7 @@ class GatedDelta(torch.autograd.Function):
                 gw = _grads(g_s, zc, wf[s], af[s], shift, zg, left, right, temperature,
                             expected_grad, out_w, out_a)
                 dot = torch.dot(gw, zc) if need_zg else None
-            if stepper is not None:
+            if stepper is not None and not in_kernel:
                 update(s, out_a)  # after z and p of this span were computed from the old a
             if need_zg:
                 grad_zg += dot
@@ -307,6 +314,17 @@ def _counted_backward(kernel_args, s: slice, g, w, log_alpha, out_w, out_a) -> t
                             counter.scalar(s.start, torch.int32),
                             scratch if out_w is None else out_w,
                             scratch if out_a is None else out_a)
+
+
+def _counted_backward_step(kernel_args, s: slice, g, w, out_w, update) -> torch.Tensor:
+    """One span's gradient of w, and log_alpha's AdamW step (optim.SpanStep ``update``), in
+    counter.py's backward_step kernel; returns sum(g * w * z)."""
+    kernels, seed, shift, zg = kernel_args
+    a, m, v = update.views(s)
+    return kernels.backward_step(g, w, a, m, v, shift, zg, seed,
+                                 counter.scalar(s.start, torch.int32),
+                                 torch.empty_like(w) if out_w is None else out_w,
+                                 *(counter.scalar(x) for x in update.hyper))
 
 
 def _grads(g, z, w, log_alpha, shift, zg, left, right, temperature, expected_grad, out_w, out_a):

@@ -65,8 +65,11 @@ class GateStep:
     """AdamW's update for the gate logits of one param group, applied by the fused gate's
     backward (fused.GatedDelta, ``gate_step``) span by span while the gradient is computed:
     no N-sized gradient is stored and the optimizer skips those parameters (their grad stays
-    None). The state lives in the optimizer under torch's AdamW keys (step, exp_avg,
-    exp_avg_sq), so checkpoints, resuming and falling back to the plain step keep working.
+    None). With counter.py's compiled kernels and one process, the step is taken in the
+    same loop that computes the span's gradient (counter's backward_step: no gradient span
+    is written and read back, one call per span instead of two). The state lives in the
+    optimizer under torch's AdamW keys (step, exp_avg, exp_avg_sq), so checkpoints,
+    resuming and falling back to the plain step keep working.
 
     Same update as torch.optim.AdamW (amsgrad and maximize off). Exact only where the gate
     gradient is final when backward reaches the gate: no clipping across parameters, no
@@ -91,9 +94,10 @@ class GateStep:
         return groups[0]
 
     @torch.no_grad()
-    def begin(self, param: torch.Tensor, reduced: bool = False):
-        """One optimizer step of ``param`` begins: returns update(span, grad_of_span).
-        ``reduced``: the caller has already averaged the gradient across processes."""
+    def begin(self, param: torch.Tensor, reduced: bool = False) -> "SpanStep":
+        """One optimizer step of ``param`` begins: returns its SpanStep (called as
+        update(span, grad_of_span)). ``reduced``: the caller has already averaged the
+        gradient across processes."""
         state = self.optimizer.state[param]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -101,26 +105,52 @@ class GateStep:
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["step"] += 1
         g = self._group()
-        lr, (beta1, beta2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
-        t = float(state["step"])
-        step_size = lr / (1 - beta1 ** t)
-        root_bc2 = (1 - beta2 ** t) ** 0.5
-        p, m, v = (x.view(-1) for x in (param, state["exp_avg"], state["exp_avg_sq"]))
-        fused, reduce = _FUSED_ADAMW, None if reduced else self.reduce
-        step = state["step"]  # already counted up, as torch.optim does before the kernel
+        return SpanStep(param, state, g, None if reduced else self.reduce)
 
-        @torch.no_grad()
-        def update(span: slice, grad: torch.Tensor) -> None:
-            if reduce is not None:
-                reduce(grad)
-            ps, ms, vs = p[span], m[span], v[span]
-            if fused is not None and p.device.type in ("cpu", "cuda"):
-                fused([ps], [grad], [ms], [vs], [], [step], lr=lr, beta1=beta1,
-                      beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
-                return
-            if wd:
-                ps.mul_(1 - lr * wd)
-            ms.lerp_(grad, 1 - beta1)
-            vs.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            ps.addcdiv_(ms, vs.sqrt().div_(root_bc2).add_(eps), value=-step_size)
-        return update
+
+class SpanStep:
+    """AdamW's step of one parameter, applied span by span: ``update(span, grad)``. Where
+    no reduction across processes is pending (``in_kernel``), a caller may instead fuse the
+    same update into the kernel that computes the gradient (counter.py's backward_step),
+    with ``views(span)`` and ``hyper``."""
+
+    def __init__(self, param: torch.Tensor, state: dict, group: dict, reduce):
+        self.lr, (self.beta1, self.beta2) = group["lr"], group["betas"]
+        self.eps, self.wd = group["eps"], group["weight_decay"]
+        self.count = state["step"]  # already counted up, as torch.optim does before the kernel
+        t = float(self.count)
+        self.step_size = self.lr / (1 - self.beta1 ** t)
+        self.root_bc2 = (1 - self.beta2 ** t) ** 0.5
+        self.p, self.m, self.v = (x.detach().view(-1)
+                                  for x in (param, state["exp_avg"], state["exp_avg_sq"]))
+        self.reduce = reduce
+        self.in_kernel = reduce is None
+
+    @property
+    def hyper(self) -> tuple[float, ...]:
+        """The kernel's constants, computed here in double (1 - 0.999 in float32 is off by
+        1e-5): (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps, step_size,
+        sqrt of bias correction 2)."""
+        return (1 - self.lr * self.wd, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2,
+                self.eps, self.step_size, self.root_bc2)
+
+    def views(self, span: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The span of the parameter and of its two moments (flat views, updated in place)."""
+        return self.p[span], self.m[span], self.v[span]
+
+    @torch.no_grad()
+    def __call__(self, span: slice, grad: torch.Tensor) -> None:
+        if self.reduce is not None:
+            self.reduce(grad)
+        ps, ms, vs = self.views(span)
+        lr, wd = self.lr, self.wd
+        if _FUSED_ADAMW is not None and ps.device.type in ("cpu", "cuda"):
+            _FUSED_ADAMW([ps], [grad], [ms], [vs], [], [self.count], lr=lr, beta1=self.beta1,
+                         beta2=self.beta2, weight_decay=wd, eps=self.eps, amsgrad=False,
+                         maximize=False)
+            return
+        if wd:
+            ps.mul_(1 - lr * wd)
+        ms.lerp_(grad, 1 - self.beta1)
+        vs.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        ps.addcdiv_(ms, vs.sqrt().div_(self.root_bc2).add_(self.eps), value=-self.step_size)
