@@ -7,7 +7,8 @@ noise: the first steps) and, structured, with separated gates (2.5% still open t
 as at the end of a real L0 phase: the numpy stream draws no noise for the others); the
 fixed-mask phase at 0.5%; full finetuning again in a second process ("full_again": the
 same work, so its ratio shows how far two processes differ: the benchmark's own spread);
-and, for comparison, the structured L0 phase with the embeddings
+and, for comparison, the structured L0 phase with the gate logits' AdamW step apart from
+the backward kernel, as before session 17 ("l0_structured_apart"), with the embeddings
 gated whole, as before rows.py ("l0_structured_whole"), and with the gate of before
 counter.py (numpy's noise stream, eager passes: "l0_structured_stream"). The batch's token
 ids are drawn uniformly from the vocabulary (about 3,800 distinct rows in 32 x 128 tokens;
@@ -39,7 +40,8 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "train_cost"
 CONFIGS = ("full", "full_again", "l0_structured", "l0_unstructured",
-           "l0_structured_separated", "l0_structured_whole", "l0_structured_stream", "fixmask")
+           "l0_structured_separated", "l0_structured_apart", "l0_structured_whole",
+           "l0_structured_stream", "fixmask")
 EXTRA_CONFIGS = ("l0_structured_1thread",)  # only when asked for with --configs
 WARMUP = 3  # untimed steps of each configuration
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
@@ -89,6 +91,9 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     if config.endswith("_stream"):  # the numpy stream's gate, not counter.py's kernels
         from diffprune import counter
         counter.ENABLED = False
+    if config.endswith("_apart"):  # the gate logits' AdamW step apart from the kernel
+        from diffprune import optim
+        optim.STEP_IN_KERNEL = False
     if config.endswith("_1thread"):  # counter.py's kernels on one core
         import torch._inductor.config as inductor_config
         inductor_config.cpp.threads = 1
@@ -212,7 +217,7 @@ def main() -> None:
                      train_memory_ratio=_ratio(r["peak_train_rss_mb"],
                                                base["peak_train_rss_mb"]))
             rows.append(r)
-            print(f"batch {batch:3d} {c:16s} {1e3 * r['step_s']:8.1f} ms/step "
+            print(f"batch {batch:3d} {c:24s} {1e3 * r['step_s']:8.1f} ms/step "
                   f"({r['time_ratio']:.2f}x)  peak RSS {r['peak_rss_mb']:7.0f} MB "
                   f"({r['memory_ratio']:.2f}x), in training {_fmt(r['peak_train_rss_mb'])} MB "
                   f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)

@@ -59,6 +59,9 @@ class DiffAdamW(torch.optim.AdamW):
 
 # torch's AdamW kernel (one pass over the tensors; what AdamW(fused=True) calls), if present
 _FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
+# False: the gate step always runs apart from the gradient's kernel (bench/train_cost.py
+# measures both ways)
+STEP_IN_KERNEL = True
 
 
 class GateStep:
@@ -124,7 +127,7 @@ class SpanStep:
         self.p, self.m, self.v = (x.detach().view(-1)
                                   for x in (param, state["exp_avg"], state["exp_avg_sq"]))
         self.reduce = reduce
-        self.in_kernel = reduce is None
+        self.in_kernel = reduce is None and STEP_IN_KERNEL
 
     @property
     def hyper(self) -> tuple[float, ...]:
