@@ -26,6 +26,7 @@ steps). Prints and writes
 ratios to full finetuning.
 
   python bench/train_cost.py --batch-sizes 8 32 --length 128 [--model DIR] [--steps 10]
+      [--rounds 3]
 """
 from __future__ import annotations
 
@@ -157,12 +158,15 @@ def _worker(config: str, model_name: str, batch: int, length: int, steps: int, c
                "peak_train_rss_mb": _peak_mb() if reset else None})
 
 
-def measure_all(args, batch: int) -> dict[str, dict]:
+def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
     """Every configuration in its own child process, stepped in turn (one process computes
-    at a time), so that the machine's drift over minutes falls on all of them alike."""
+    at a time), so that the machine's drift over minutes falls on all of them alike. The
+    processes start and step in the order of args.configs rotated by ``turn``, so that over
+    rounds no configuration is always the first process."""
     ctx = mp.get_context("spawn")
     workers = {}
-    for c in args.configs:
+    k = turn % len(args.configs)
+    for c in args.configs[k:] + args.configs[:k]:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(c, args.model, batch, args.length, args.steps,
                                                  child))
@@ -205,18 +209,26 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + EXTRA_CONFIGS,
                    help="configurations to measure (full finetuning is always one)")
     p.add_argument("--out", type=Path, default=OUT, help="results directory")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every configuration this many times, each round in new "
+                        "processes: two processes doing the same work differ by up to ~10%% "
+                        "here (full_again), so each ratio is the median of its rounds' ratios")
     args = p.parse_args()
     args.configs = ["full"] + [c for c in args.configs if c != "full"]
     rows = []
     for batch in args.batch_sizes:
-        results = measure_all(args, batch)
-        base = results["full"]
-        for c, r in results.items():
-            r.update(batch=batch, length=args.length, time_ratio=r["step_s"] / base["step_s"],
-                     memory_ratio=r["peak_rss_mb"] / base["peak_rss_mb"],
-                     train_memory_ratio=_ratio(r["peak_train_rss_mb"],
-                                               base["peak_train_rss_mb"]))
-            rows.append(r)
+        rounds = []
+        for k in range(args.rounds):
+            rounds.append(measure_all(args, batch, k))
+            if args.rounds > 1:
+                print(f"batch {batch:3d} round {k + 1}: " + ", ".join(
+                    f"{c} {r['step_s'] / rounds[-1]['full']['step_s']:.2f}x"
+                    for c, r in sorted(rounds[-1].items(),
+                                       key=lambda x: args.configs.index(x[0]))), flush=True)
+        for c in args.configs:
+            rows.append(summarise(c, [r[c] for r in rounds], [r["full"] for r in rounds],
+                                  batch, args.length))
+            r = rows[-1]
             print(f"batch {batch:3d} {c:24s} {1e3 * r['step_s']:8.1f} ms/step "
                   f"({r['time_ratio']:.2f}x)  peak RSS {r['peak_rss_mb']:7.0f} MB "
                   f"({r['memory_ratio']:.2f}x), in training {_fmt(r['peak_train_rss_mb'])} MB "
@@ -224,20 +236,46 @@ def main() -> None:
     command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    many = args.rounds > 1
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
              "", f"Model {args.model}, length {args.length}, median of {args.steps} steps "
              f"after {WARMUP} warm-up steps, the configurations' processes stepping in turn; "
              "peak RSS of a child process per configuration, over the "
              "whole process and over the timed training steps alone (peak counter reset "
-             "after the warm-up steps, which compile the gate kernels).", "",
+             "after the warm-up steps, which compile the gate kernels)."
+             + (f" {args.rounds} rounds, each in new processes: ms / step and peak RSS are "
+                "medians over the rounds, each ratio the median of the rounds' ratios "
+                "(every round's in the last column)." if many else ""), "",
              "| batch | configuration | ms / step | x full | peak RSS MB | x full "
-             "| peak RSS in training MB | x full |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| peak RSS in training MB | x full |" + (" x full, each round |" if many else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if many else "")]
     lines += [f"| {r['batch']} | {r['config']} | {1e3 * r['step_s']:.1f} | "
               f"{r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['memory_ratio']:.2f} | "
               f"{_fmt(r['peak_train_rss_mb'])} | {_fmt(r['train_memory_ratio'], '.2f')} |"
+              + (" " + " / ".join(f"{x:.2f}" for x in r["time_ratio_rounds"]) + " |"
+                 if many else "")
               for r in rows]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def summarise(config: str, runs: list[dict], bases: list[dict], batch: int,
+              length: int) -> dict:
+    """One configuration's row from its rounds (``runs``) and full finetuning's in the same
+    rounds (``bases``): medians of the times, peaks and ratios; each round kept."""
+    med = statistics.median
+
+    def ratios(key: str) -> list[float] | None:
+        pairs = [(r[key], b[key]) for r, b in zip(runs, bases)]
+        return None if any(None in p for p in pairs) else [x / y for x, y in pairs]
+    time_r, mem_r, train_r = ratios("step_s"), ratios("peak_rss_mb"), ratios("peak_train_rss_mb")
+    train_peaks = [r["peak_train_rss_mb"] for r in runs]
+    return {"config": config, "batch": batch, "length": length,
+            "step_s": med(r["step_s"] for r in runs),
+            "peak_rss_mb": med(r["peak_rss_mb"] for r in runs),
+            "peak_train_rss_mb": None if None in train_peaks else med(train_peaks),
+            "time_ratio": med(time_r), "memory_ratio": med(mem_r),
+            "train_memory_ratio": None if train_r is None else med(train_r),
+            "time_ratio_rounds": time_r, "rounds": runs}
 
 
 if __name__ == "__main__":
