@@ -213,40 +213,55 @@ def main() -> None:
                    help="measure every configuration this many times, each round in new "
                         "processes: two processes doing the same work differ by up to ~10%% "
                         "here (full_again), so each ratio is the median of its rounds' ratios")
+    p.add_argument("--report-only", action="store_true",
+                   help="write results.md again from the measurements in results.json")
     args = p.parse_args()
     args.configs = ["full"] + [c for c in args.configs if c != "full"]
+    if args.report_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        command, measured = saved["command"], saved.get("measured") or _from_rows(saved["rows"])
+    else:
+        command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
+        measured = []
+        for batch in args.batch_sizes:
+            rounds = []
+            for k in range(args.rounds):
+                rounds.append(measure_all(args, batch, k))
+                if args.rounds > 1:
+                    base = _base(rounds[-1])["step_s"]
+                    print(f"batch {batch:3d} round {k + 1}: " + ", ".join(
+                        f"{c} {rounds[-1][c]['step_s'] / base:.2f}x" for c in args.configs),
+                        flush=True)
+            measured.append({"batch": batch, "rounds": rounds})
     rows = []
-    for batch in args.batch_sizes:
-        rounds = []
-        for k in range(args.rounds):
-            rounds.append(measure_all(args, batch, k))
-            if args.rounds > 1:
-                print(f"batch {batch:3d} round {k + 1}: " + ", ".join(
-                    f"{c} {r['step_s'] / rounds[-1]['full']['step_s']:.2f}x"
-                    for c, r in sorted(rounds[-1].items(),
-                                       key=lambda x: args.configs.index(x[0]))), flush=True)
-        for c in args.configs:
-            rows.append(summarise(c, [r[c] for r in rounds], [r["full"] for r in rounds],
-                                  batch, args.length))
+    for m in measured:
+        bases = [_base(r) for r in m["rounds"]]
+        for c in m["rounds"][0]:
+            rows.append(summarise(c, [r[c] for r in m["rounds"]], bases, m["batch"],
+                                  args.length))
             r = rows[-1]
-            print(f"batch {batch:3d} {c:24s} {1e3 * r['step_s']:8.1f} ms/step "
+            print(f"batch {m['batch']:3d} {c:24s} {1e3 * r['step_s']:8.1f} ms/step "
                   f"({r['time_ratio']:.2f}x)  peak RSS {r['peak_rss_mb']:7.0f} MB "
                   f"({r['memory_ratio']:.2f}x), in training {_fmt(r['peak_train_rss_mb'])} MB "
                   f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)
-    command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    many = args.rounds > 1
+    (args.out / "results.json").write_text(json.dumps(
+        {"command": command, "rows": rows, "measured": measured}, indent=1))
+    n_rounds = len(measured[0]["rounds"])
+    many, two = n_rounds > 1, any(c.startswith("full_") for c in measured[0]["rounds"][0])
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
-             "", f"Model {args.model}, length {args.length}, median of {args.steps} steps "
+             "", f"Model {args.model}, length {args.length}, median of "
+             f"{len(rows[0]['rounds'][0]['step_s_all'])} steps "
              f"after {WARMUP} warm-up steps, the configurations' processes stepping in turn; "
              "peak RSS of a child process per configuration, over the "
              "whole process and over the timed training steps alone (peak counter reset "
              "after the warm-up steps, which compile the gate kernels)."
-             + (f" {args.rounds} rounds, each in new processes: ms / step and peak RSS are "
-                "medians over the rounds, each ratio the median of the rounds' ratios "
-                "(every round's in the last column)." if many else ""), "",
-             "| batch | configuration | ms / step | x full | peak RSS MB | x full "
+             + (" Ratios are to the mean of full finetuning's two processes (full and "
+                "full_again) in the same round." if two else "")
+             + (f" {n_rounds} rounds, each in new processes started in rotated order: "
+                "ms / step and peak RSS are medians over the rounds, each ratio the median "
+                "of the rounds' ratios (every round's in the last column)." if many else ""),
+             "", "| batch | configuration | ms / step | x full | peak RSS MB | x full "
              "| peak RSS in training MB | x full |" + (" x full, each round |" if many else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if many else "")]
     lines += [f"| {r['batch']} | {r['config']} | {1e3 * r['step_s']:.1f} | "
@@ -258,10 +273,35 @@ def main() -> None:
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def _from_rows(rows: list[dict]) -> list[dict]:
+    """The measurements behind the rows of a results.json written before "measured" was
+    kept (each row's rounds, or the row itself for a single round)."""
+    measured: dict[int, list[dict]] = {}
+    for r in rows:
+        for k, run in enumerate(r.get("rounds") or [r]):
+            rounds = measured.setdefault(r["batch"], [])
+            if len(rounds) <= k:
+                rounds.append({})
+            rounds[k][r["config"]] = run
+    return [{"batch": b, "rounds": rounds} for b, rounds in measured.items()]
+
+
+def _base(results: dict[str, dict]) -> dict:
+    """Full finetuning's step time and peaks in one round: the mean over its processes
+    (full and, where measured, full_again)."""
+    fulls = [r for c, r in results.items() if c == "full" or c.startswith("full_")]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in fulls]
+        return None if None in values else statistics.mean(values)
+    return {k: mean(k) for k in ("step_s", "peak_rss_mb", "peak_train_rss_mb")}
+
+
 def summarise(config: str, runs: list[dict], bases: list[dict], batch: int,
               length: int) -> dict:
-    """One configuration's row from its rounds (``runs``) and full finetuning's in the same
-    rounds (``bases``): medians of the times, peaks and ratios; each round kept."""
+    """One configuration's row from its rounds (``runs``) and full finetuning's figures in the
+    same rounds (``bases``, _base): medians of the times, peaks and ratios; each round's
+    ratio kept."""
     med = statistics.median
 
     def ratios(key: str) -> list[float] | None:
