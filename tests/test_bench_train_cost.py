@@ -1,0 +1,46 @@
+"""bench/train_cost.py's summary: ratios to the mean of full finetuning's processes in each
+round, the median over rounds, and the report rebuilt from a saved results.json."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("train_cost", ROOT / "bench" / "train_cost.py")
+train_cost = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_cost)
+
+
+def run(step_s, peak=1000.0):
+    return {"step_s": step_s, "peak_rss_mb": peak, "peak_train_rss_mb": peak,
+            "step_s_all": [step_s]}
+
+
+ROUNDS = [{"full": run(1.0), "full_again": run(1.2), "l0": run(1.21, 1200.0)},
+          {"full": run(2.0), "full_again": run(2.0), "l0": run(2.2, 1300.0)},
+          {"full": run(1.0), "full_again": run(1.0), "l0": run(1.5, 1100.0)}]
+
+
+def test_each_round_is_compared_with_the_mean_of_its_full_finetuning_processes():
+    bases = [train_cost._base(r) for r in ROUNDS]
+    assert [b["step_s"] for b in bases] == [1.1, 2.0, 1.0]
+    row = train_cost.summarise("l0", [r["l0"] for r in ROUNDS], bases, 32, 128)
+    assert [round(x, 6) for x in row["time_ratio_rounds"]] == [1.1, 1.1, 1.5]
+    assert round(row["time_ratio"], 6) == 1.1  # the median of the rounds' ratios
+    assert row["step_s"] == 1.5 and row["peak_rss_mb"] == 1200.0
+    assert round(row["memory_ratio"], 6) == 1.2
+
+
+def test_the_report_is_written_again_from_the_saved_measurements(tmp_path, monkeypatch):
+    rows = [train_cost.summarise(c, [r[c] for r in ROUNDS],
+                                 [train_cost._base(r) for r in ROUNDS], 32, 128)
+            for c in ROUNDS[0]]
+    # a results.json from before "measured" was kept: the rows carry their rounds
+    (tmp_path / "results.json").write_text(json.dumps({"command": "python x", "rows": rows}))
+    monkeypatch.setattr(sys, "argv", ["train_cost.py", "--report-only", "--out", str(tmp_path)])
+    train_cost.main()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["measured"] == [{"batch": 32, "rounds": ROUNDS}]
+    assert [r["time_ratio"] for r in saved["rows"]] == [r["time_ratio"] for r in rows]
+    md = (tmp_path / "results.md").read_text()
+    assert "| 32 | l0 | 1500.0 | 1.10 |" in md and "1.10 / 1.10 / 1.50" in md
