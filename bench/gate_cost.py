@@ -51,17 +51,26 @@ def step_ms(theta0, w, a, zg, upstream, noise) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str, out: Path) -> argparse.Namespace:
+    """The command line shared with bench/gate_step_cost.py."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--n", type=int, default=22_713_216, help="gates (default: MiniLM's)")
     p.add_argument("--steps", type=int, default=12, help="timed steps of each variant")
-    p.add_argument("--out", type=Path, default=OUT, help="results directory")
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, default=out, help="results directory")
+    return p.parse_args()
+
+
+def inputs(n: int) -> tuple:
+    """theta0, the upstream gradient, w, the group gate and the noise generator (seeded)."""
     torch.manual_seed(0)
-    theta0, upstream = torch.randn(args.n), torch.randn(args.n)
-    w = (torch.randn(args.n) * 0.01).requires_grad_()
-    zg = torch.tensor(1.0, requires_grad=True)
-    noise = CpuNoise(0)
+    theta0, upstream = torch.randn(n), torch.randn(n)
+    w = (torch.randn(n) * 0.01).requires_grad_()
+    return theta0, upstream, w, torch.tensor(1.0, requires_grad=True), CpuNoise(0)
+
+
+def main() -> None:
+    args = arguments(__doc__, OUT)
+    theta0, upstream, w, zg, noise = inputs(args.n)
     rows = []
     for name, logits in states(args.n).items():
         a = logits.requires_grad_()

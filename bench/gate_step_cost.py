@@ -12,7 +12,6 @@ state before every step, outside the timer. States as in bench/gate_cost.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -22,10 +21,9 @@ from pathlib import Path
 import torch
 
 from diffprune import fused, optim
-from diffprune.gates import CpuNoise
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gate_cost import states  # noqa: E402
+from gate_cost import arguments, inputs, states  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "gate_step_cost"
 VARIANTS = {"in_kernel": True, "apart": False}  # optim.STEP_IN_KERNEL
@@ -41,16 +39,8 @@ def step_ms(theta0, w, a, zg, upstream, noise, stepper) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=22_713_216, help="gates (default: MiniLM's)")
-    p.add_argument("--steps", type=int, default=12, help="timed steps of each variant")
-    p.add_argument("--out", type=Path, default=OUT, help="results directory")
-    args = p.parse_args()
-    torch.manual_seed(0)
-    theta0, upstream = torch.randn(args.n), torch.randn(args.n)
-    w = (torch.randn(args.n) * 0.01).requires_grad_()
-    zg = torch.tensor(1.0, requires_grad=True)
-    noise = CpuNoise(0)
+    args = arguments(__doc__, OUT)
+    theta0, upstream, w, zg, noise = inputs(args.n)
     rows = []
     for name, logits in states(args.n).items():
         a = torch.nn.Parameter(logits.clone())
