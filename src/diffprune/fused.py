@@ -324,7 +324,7 @@ def _counted_backward_step(kernel_args, s: slice, g, w, out_w, update) -> torch.
     return kernels.backward_step(g, w, a, m, v, shift, zg, seed,
                                  counter.scalar(s.start, torch.int32),
                                  torch.empty_like(w) if out_w is None else out_w,
-                                 *(counter.scalar(x) for x in update.hyper))
+                                 *update.constants)
 
 
 def _grads(g, z, w, log_alpha, shift, zg, left, right, temperature, expected_grad, out_w, out_a):

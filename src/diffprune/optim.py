@@ -12,6 +12,8 @@ The accumulated update is then a first-order importance score, as in movement pr
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -115,7 +117,7 @@ class SpanStep:
     """AdamW's step of one parameter, applied span by span: ``update(span, grad)``. Where
     no reduction across processes is pending (``in_kernel``), a caller may instead fuse the
     same update into the kernel that computes the gradient (counter.py's backward_step),
-    with ``views(span)`` and ``hyper``."""
+    with ``views(span)`` and ``constants``."""
 
     def __init__(self, param: torch.Tensor, state: dict, group: dict, reduce):
         self.lr, (self.beta1, self.beta2) = group["lr"], group["betas"]
@@ -129,13 +131,15 @@ class SpanStep:
         self.reduce = reduce
         self.in_kernel = reduce is None and STEP_IN_KERNEL
 
-    @property
-    def hyper(self) -> tuple[float, ...]:
-        """The kernel's constants, computed here in double (1 - 0.999 in float32 is off by
-        1e-5): (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps, step_size,
-        sqrt of bias correction 2)."""
-        return (1 - self.lr * self.wd, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2,
-                self.eps, self.step_size, self.root_bc2)
+    @functools.cached_property
+    def constants(self) -> tuple[torch.Tensor, ...]:
+        """The kernel's constants as 0-dim float32 tensors (made once per step, not per
+        span), each computed in double and rounded once (1 - 0.999 computed in float32 is
+        off by 1e-5): 1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps,
+        step_size, sqrt of bias correction 2."""
+        return tuple(torch.tensor(x, dtype=torch.float32, device=self.p.device) for x in (
+            1 - self.lr * self.wd, self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2,
+            self.eps, self.step_size, self.root_bc2))
 
     def views(self, span: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The span of the parameter and of its two moments (flat views, updated in place)."""
