@@ -277,7 +277,9 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
         plot_scores(rows, out / "score_vs_params.png")
     structured = sorted({r["variant"] for r in records if r["variant"].startswith("diff-s-")},
                         key=lambda v: abs(float(v.split("-")[2]) - 0.005))
-    has_nz = bool(structured) and plot_nonzeros(records, structured[0], out / "nonzeros.png")
+    drawn = bool(structured) and plot_nonzeros(records, structured[0], out / "nonzeros.png")
+    # the diffs live under tmp/ (not committed): a fresh checkout keeps the committed figure
+    kept = bool(structured) and not drawn and (out / "nonzeros.png").exists()
     train = (f"{profile.max_train_samples:,} seeded training examples per task"
              if profile.max_train_samples else "full training sets")
     text = ["# diffprune vs full finetuning, BitFit, LoRA and SHiRA (issue 4)", "",
@@ -300,9 +302,12 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
             "eval mode (bench/README.md, session 11).", "",
             *tables(rows, tasks, ckpt_bytes, records), "",
             "![average score vs parameters](score_vs_params.png)", ""]
-    if has_nz:
+    if drawn or kept:
         text += [f"Where {label(structured[0])} puts its nonzeros, summed over the tasks "
-                 "(share of each layer's and each component's parameters changed):", "",
+                 "(share of each layer's and each component's parameters changed)"
+                 + (": the figure as an earlier run of this report drew it; the diffs it "
+                    "reads (under tmp/, not committed) are not on this machine" if kept
+                    else "") + ":", "",
                  "![nonzeros per layer and component](nonzeros.png)", ""]
     (out / "results.md").write_text("\n".join(text))
     print("\n".join(text))
