@@ -50,6 +50,11 @@ WARMUP = 3  # untimed steps of each configuration
 UNSURE_SHARE = 0.025
 
 
+def is_full(config: str) -> bool:
+    """Whether a configuration is one of full finetuning's processes (full, full_again)."""
+    return config == "full" or config.startswith("full_")
+
+
 def _reset_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -102,7 +107,7 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     model, _ = load_model(model_name, {"num_labels": 2})
     model.train()
     controller = None
-    if config.startswith("full"):
+    if is_full(config):
         opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
     else:
         dp.prepare_(model, dp.DiffPruneConfig(structured=config != "l0_unstructured",
@@ -248,7 +253,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(
         {"command": command, "rows": rows, "measured": measured}, indent=1))
     n_rounds = len(measured[0]["rounds"])
-    many, two = n_rounds > 1, any(c.startswith("full_") for c in measured[0]["rounds"][0])
+    many, two = n_rounds > 1, sum(map(is_full, measured[0]["rounds"][0])) > 1
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
              "", f"Model {args.model}, length {args.length}, median of "
              f"{len(rows[0]['rounds'][0]['step_s_all'])} steps "
@@ -289,7 +294,7 @@ def _from_rows(rows: list[dict]) -> list[dict]:
 def _base(results: dict[str, dict]) -> dict:
     """Full finetuning's step time and peaks in one round: the mean over its processes
     (full and, where measured, full_again)."""
-    fulls = [r for c, r in results.items() if c == "full" or c.startswith("full_")]
+    fulls = [r for c, r in results.items() if is_full(c)]
 
     def mean(key: str) -> float | None:
         values = [r[key] for r in fulls]
