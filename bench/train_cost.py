@@ -10,7 +10,9 @@ same work, so its ratio shows how far two processes differ: the benchmark's own 
 and, for comparison, the structured L0 phase with the gate logits' AdamW step apart from
 the backward kernel, as before session 17 ("l0_structured_apart"), with the embeddings
 gated whole, as before rows.py ("l0_structured_whole"), and with the gate of before
-counter.py (numpy's noise stream, eager passes: "l0_structured_stream"). The batch's token
+counter.py (numpy's noise stream, eager passes: "l0_structured_stream"). On request,
+"full_traffic": full finetuning plus memory passes like the gate kernels' (see _add_traffic),
+to tell the gate's bytes from its arithmetic. The batch's token
 ids are drawn uniformly from the vocabulary (about 3,800 distinct rows in 32 x 128 tokens;
 real text reads fewer). Each
 configuration runs in its own
@@ -43,7 +45,7 @@ OUT = Path(__file__).parent / "results" / "train_cost"
 CONFIGS = ("full", "full_again", "l0_structured", "l0_unstructured",
            "l0_structured_separated", "l0_structured_apart", "l0_structured_whole",
            "l0_structured_stream", "fixmask")
-EXTRA_CONFIGS = ("l0_structured_1thread",)  # only when asked for with --configs
+EXTRA_CONFIGS = ("l0_structured_1thread", "full_traffic")  # only when asked for with --configs
 WARMUP = 3  # untimed steps of each configuration
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
 # (STS-B, 1,000 examples, 0.5%: 2.5%); the *_separated configuration sets the gates so.
@@ -52,7 +54,36 @@ UNSURE_SHARE = 0.025
 
 def is_full(config: str) -> bool:
     """Whether a configuration is one of full finetuning's processes (full, full_again)."""
-    return config == "full" or config.startswith("full_")
+    return config in ("full", "full_again")
+
+
+TRAFFIC_S = [0.0]  # seconds spent in full_traffic's hooks, since the last reset
+
+
+def _add_traffic(model) -> None:
+    """full_traffic: full finetuning plus memory traffic like the gate kernels' and none of
+    their arithmetic. Before each module's forward, a pass over 2 floats per parameter
+    (read and write: the forward kernel reads theta0, w and the logits and writes the
+    weight); when a module's first parameter gets its gradient, a pass over 4 (the backward
+    kernel reads and writes about 8 arrays). The word embeddings are left out: rows.py gates
+    only the rows a batch reads. Its hooks' own time is counted apart (traffic_s), so
+    that its step time less that shows whether the gate's bytes, moved between the model's
+    operators, slow those operators."""
+    import torch
+
+    def timed(buffer):
+        def hook(*_):
+            start = time.perf_counter()
+            buffer.mul_(1.0)
+            TRAFFIC_S[0] += time.perf_counter() - start
+        return hook
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if not params or name.endswith("word_embeddings"):
+            continue
+        n = sum(p.numel() for p in params)
+        module.register_forward_pre_hook(timed(torch.ones(2 * n)))
+        params[0].register_hook(timed(torch.ones(4 * n)))
 
 
 def _reset_peak() -> bool:
@@ -109,6 +140,9 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     controller = None
     if is_full(config):
         opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+    elif config == "full_traffic":
+        _add_traffic(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
     else:
         dp.prepare_(model, dp.DiffPruneConfig(structured=config != "l0_unstructured",
                                               gate_grad="expected"))
@@ -150,14 +184,18 @@ def _worker(config: str, model_name: str, batch: int, length: int, steps: int, c
     step = _setup(config, model_name, batch, length, steps)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak()
+    traffic: list[float] = []  # full_traffic's hooks' seconds in each step
     conn.send("ready")
     while (message := conn.recv()) != "done":
         if message == "reset":  # after the warm-up steps (and the kernels' compilation)
             reset = _reset_peak()
             conn.send(reset)
         else:
+            TRAFFIC_S[0] = 0.0
             conn.send(step())
+            traffic.append(TRAFFIC_S[0])
     conn.send({"config": config,
+               "traffic_s_all": traffic[-steps:] if config == "full_traffic" else None,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "rss_after_setup_mb": rss_loaded / 1024,
                "peak_train_rss_mb": _peak_mb() if reset else None})
@@ -275,6 +313,10 @@ def main() -> None:
               + (" " + " / ".join(f"{x:.2f}" for x in r["time_ratio_rounds"]) + " |"
                  if many else "")
               for r in rows]
+    lines += [f"\nfull_traffic at batch {r['batch']}: its hooks took {1e3 * r['traffic_s']:.1f} ms "
+              f"per step; its step less that time: {r['less_traffic_ratio']:.2f}x full ("
+              + " / ".join(f"{x:.2f}" for x in r["less_traffic_ratio_rounds"]) + ")."
+              for r in rows if "traffic_s" in r]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -320,7 +362,20 @@ def summarise(config: str, runs: list[dict], bases: list[dict], batch: int,
             "peak_train_rss_mb": None if None in train_peaks else med(train_peaks),
             "time_ratio": med(time_r), "memory_ratio": med(mem_r),
             "train_memory_ratio": None if train_r is None else med(train_r),
-            "time_ratio_rounds": time_r, "rounds": runs}
+            "time_ratio_rounds": time_r, "rounds": runs,
+            **_less_traffic(runs, bases)}
+
+
+def _less_traffic(runs: list[dict], bases: list[dict]) -> dict:
+    """full_traffic's hooks' time per step and, per round, the median over its steps of the
+    step time less the hooks' time, as a ratio to full finetuning's step time."""
+    if not runs[0].get("traffic_s_all"):
+        return {}
+    med = statistics.median
+    less = [med(t - h for t, h in zip(r["step_s_all"], r["traffic_s_all"])) / b["step_s"]
+            for r, b in zip(runs, bases)]
+    return {"traffic_s": med(med(r["traffic_s_all"]) for r in runs),
+            "less_traffic_ratio": med(less), "less_traffic_ratio_rounds": less}
 
 
 if __name__ == "__main__":

@@ -44,3 +44,14 @@ def test_the_report_is_written_again_from_the_saved_measurements(tmp_path, monke
     assert [r["time_ratio"] for r in saved["rows"]] == [r["time_ratio"] for r in rows]
     md = (tmp_path / "results.md").read_text()
     assert "| 32 | l0 | 1500.0 | 1.10 |" in md and "1.10 / 1.10 / 1.50" in md
+
+
+def test_full_traffic_is_not_a_full_process_and_its_hooks_time_is_taken_off():
+    assert train_cost.is_full("full_again") and not train_cost.is_full("full_traffic")
+    rounds = [{"full": run(1.0), "full_traffic": dict(run(1.3), step_s_all=[1.3, 1.4],
+                                                      traffic_s_all=[0.2, 0.1])}]
+    bases = [train_cost._base(r) for r in rounds]
+    assert bases[0]["step_s"] == 1.0  # full_traffic is not averaged into the base
+    row = train_cost.summarise("full_traffic", [rounds[0]["full_traffic"]], bases, 32, 128)
+    assert round(row["traffic_s"], 6) == 0.15
+    assert round(row["less_traffic_ratio"], 6) == 1.2  # median of 1.1 and 1.3
