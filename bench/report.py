@@ -5,9 +5,12 @@ Reads the per-run records; every number in the report is computed from them here
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from scipy.stats import t as t_dist
 
 LABELS = {"full": "full finetuning", "magnitude": "magnitude (0.5%)", "bitfit": "BitFit",
           "lora": "LoRA (PEFT, ~0.5%)", "shira": "SHiRA (PEFT, ~0.5%)"}
@@ -104,8 +107,19 @@ def paired(records: list[dict], tasks: tuple[str, ...], a: str, b: str) -> dict 
     per_seed = [_mean([score[a, t, s] - score[b, t, s] for t in tasks]) for s in seeds]
     pairs = [score[a, t, s] - score[b, t, s] for s in seeds for t in tasks]
     return {"seeds": seeds, "per_seed": per_seed, "mean": _mean(per_seed),
+            "interval95": interval95(per_seed),
             "better": sum(d > 0 for d in pairs), "same": sum(d == 0 for d in pairs),
             "worse": sum(d < 0 for d in pairs)}
+
+
+def interval95(xs: list[float]) -> list[float] | None:
+    """The 95% confidence interval of the mean of ``xs`` (Student's t over the seeds, which
+    are independent runs); None for fewer than two."""
+    if len(xs) < 2:
+        return None
+    half = t_dist.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    m = statistics.mean(xs)
+    return [m - half, m + half]
 
 
 def _magnitude_at(variant: str) -> str:
@@ -131,12 +145,15 @@ def pairings(records: list[dict], tasks: tuple[str, ...], variants) -> list[tupl
 
 
 def paired_table(records: list[dict], tasks: tuple[str, ...], order: list[str]) -> list[str]:
-    lines = ["| method | against | seeds | average difference per seed | mean | task-seeds "
-             "better / same / worse |", "|---|---|---|---|---|---|"]
+    lines = ["| method | against | seeds | average difference per seed | mean | 95% interval "
+             "of the mean | task-seeds better / same / worse |", "|---|---|---|---|---|---|---|"]
     for a, b, p in pairings(records, tasks, order):
+        ci = p["interval95"]
         lines.append(f"| {label(a)} | {label(b)} | {', '.join(map(str, p['seeds']))} | "
                      + ", ".join(f"{d:+.2f}" for d in p["per_seed"])
-                     + f" | {p['mean']:+.2f} | {p['better']} / {p['same']} / {p['worse']} |")
+                     + f" | {p['mean']:+.2f} | "
+                     + ("" if ci is None else f"{ci[0]:+.2f} to {ci[1]:+.2f}")
+                     + f" | {p['better']} / {p['same']} / {p['worse']} |")
     return lines if len(lines) > 2 else []
 
 
@@ -195,7 +212,8 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
         pairs = ["## Paired on the same seeds", "",
                  "Each method against full finetuning (and diff pruning against LoRA, SHiRA "
                  "and the magnitude mask at its density) on the seeds both finished every "
-                 "task of: the difference of the averages, per seed and their mean, and how "
+                 "task of: the difference of the averages, per seed and their mean, the 95% "
+                 "confidence interval of that mean (Student's t over the seeds), and how "
                  "many task-seeds scored higher, the same, or lower.", "", *pairs, ""]
     return ["## Dev scores", "", *main, "", *pairs, "## Storage per task", "", *storage, "",
             "## Training cost (this machine)", "",

@@ -2,6 +2,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from diffprune.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +79,12 @@ def test_methods_are_paired_on_the_seeds_both_finished_every_task_of():
     records.append({**record("lora", "lora", "a", 99), "seed": 2})
     p = report.paired(records, tasks, "diff-s-0.005", "full")
     assert p["seeds"] == [1, 2] and p["per_seed"] == [0.0, -1.0] and p["mean"] == -0.5
+    # two seeds: t(0.975, 1 df) = 12.706, sd 0.7071, so -0.5 +- 12.706 * 0.5
+    assert p["interval95"] == pytest.approx([-0.5 - 6.353, -0.5 + 6.353], abs=1e-3)
     assert (p["better"], p["same"], p["worse"]) == (1, 1, 2)
     p = report.paired(records, tasks, "diff-s-0.005", "lora")
     assert p["seeds"] == [1] and p["per_seed"] == [0.5] and (p["better"], p["worse"]) == (1, 1)
+    assert p["interval95"] is None
     assert report.paired(records, tasks, "bitfit", "lora") is None
     # other methods are paired with full finetuning only; diff pruning also with the peers
     # and with the magnitude mask at its own density
@@ -90,4 +95,6 @@ def test_methods_are_paired_on_the_seeds_both_finished_every_task_of():
                    ("magnitude-0.001", "full")}
     lines = report.paired_table(records, tasks, ["full", "diff-s-0.005", "lora", "bitfit"])
     assert "| diff pruning, structured 0.5% | full finetuning | 1, 2 | +0.00, -1.00 | -0.50 " \
-           "| 1 / 1 / 2 |" in lines
+           "| -6.85 to +5.85 | 1 / 1 / 2 |" in lines
+    assert "| diff pruning, structured 0.5% | LoRA (PEFT, ~0.5%) | 1 | +0.50 | +0.50 |  | " \
+           "1 / 0 / 1 |" in lines
