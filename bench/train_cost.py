@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
+import platform
 import resource
 import statistics
 import sys
@@ -235,6 +237,19 @@ def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
     return results
 
 
+def machine() -> str:
+    """The CPU model, its core count and torch's version: the time ratios depend on the
+    machine (1.01x and 1.08x for the same L0 step on two of them, bench/README.md)."""
+    try:
+        model = next(line.split(":", 1)[1].strip()
+                     for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    import torch  # the parent process loads it only here; the workers time it
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def _ratio(x: float | None, y: float | None) -> float | None:
     return None if x is None or y is None else x / y
 
@@ -263,8 +278,10 @@ def main() -> None:
     if args.report_only:
         saved = json.loads((args.out / "results.json").read_text())
         command, measured = saved["command"], saved.get("measured") or _from_rows(saved["rows"])
+        where = saved.get("machine", "not recorded")
     else:
         command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
+        where = machine()
         measured = []
         for batch in args.batch_sizes:
             rounds = []
@@ -289,11 +306,11 @@ def main() -> None:
                   f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
-        {"command": command, "rows": rows, "measured": measured}, indent=1))
+        {"command": command, "machine": where, "rows": rows, "measured": measured}, indent=1))
     n_rounds = len(measured[0]["rounds"])
     many, two = n_rounds > 1, sum(map(is_full, measured[0]["rounds"][0])) > 1
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
-             "", f"Model {args.model}, length {args.length}, median of "
+             "", f"Machine: {where}.", "", f"Model {args.model}, length {args.length}, median of "
              f"{len(rows[0]['rounds'][0]['step_s_all'])} steps "
              f"after {WARMUP} warm-up steps, the configurations' processes stepping in turn; "
              "peak RSS of a child process per configuration, over the "

@@ -44,6 +44,18 @@ def test_the_report_is_written_again_from_the_saved_measurements(tmp_path, monke
     assert [r["time_ratio"] for r in saved["rows"]] == [r["time_ratio"] for r in rows]
     md = (tmp_path / "results.md").read_text()
     assert "| 32 | l0 | 1500.0 | 1.10 |" in md and "1.10 / 1.10 / 1.50" in md
+    # a run from before the machine was recorded says so; a recorded one is kept as it was
+    assert saved["machine"] == "not recorded" and "Machine: not recorded." in md
+    saved["machine"] = "Some CPU @ 2.0GHz, 2 cores, torch 2.13.0"
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    train_cost.main()
+    assert "Machine: Some CPU @ 2.0GHz, 2 cores" in (tmp_path / "results.md").read_text()
+
+
+def test_the_machine_is_named_with_its_cores_and_torch():
+    import os
+    import torch
+    assert train_cost.machine().endswith(f", {os.cpu_count()} cores, torch {torch.__version__}")
 
 
 def test_full_traffic_is_not_a_full_process_and_its_hooks_time_is_taken_off():
