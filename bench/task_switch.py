@@ -38,6 +38,9 @@ from diffprune.bank import DiffBank
 from diffprune.cli import tune_allocator
 from diffprune.hf import load_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine  # noqa: E402  (bench/machine.py)
+
 OUT = Path(__file__).parent / "results" / "task_switch"
 DENSITY = 0.005
 
@@ -256,7 +259,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     diffs = [random_diff(seed) for seed in range(20)]
     res = {"command": " ".join(["python", "bench/task_switch.py"] + sys.argv[1:]),
-           "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+           "machine": machine(torch.get_num_threads()),
            "switch": bench_switch(diffs, args.scratch), "memory": bench_memory(diffs),
            "serving": bench_serving(diffs)}
     OUT.mkdir(parents=True, exist_ok=True)

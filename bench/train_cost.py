@@ -35,13 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine  # noqa: E402  (bench/machine.py)
 
 OUT = Path(__file__).parent / "results" / "train_cost"
 CONFIGS = ("full", "full_again", "l0_structured", "l0_unstructured",
@@ -235,19 +236,6 @@ def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
         results[c] = dict(conn.recv(), step_s=statistics.median(times[c]), step_s_all=times[c])
         proc.join()
     return results
-
-
-def machine() -> str:
-    """The CPU model, its core count and torch's version: the time ratios depend on the
-    machine (1.01x and 1.08x for the same L0 step on two of them, bench/README.md)."""
-    try:
-        model = next(line.split(":", 1)[1].strip()
-                     for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    import torch  # the parent process loads it only here; the workers time it
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def _ratio(x: float | None, y: float | None) -> float | None:

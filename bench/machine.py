@@ -1,0 +1,21 @@
+"""The machine a benchmark ran on, in words: time ratios depend on it (1.01x and 1.08x for the
+same L0 step on two machines, bench/README.md), so every timing benchmark records it."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine(threads: int | None = None) -> str:
+    """The CPU model, its core count, the threads torch was given (when ``threads`` is set)
+    and torch's version."""
+    try:
+        model = next(line.split(":", 1)[1].strip()
+                     for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    import torch  # imported here: train_cost's parent process loads torch only for this
+    used = "" if threads is None else f", {threads} threads"
+    return f"{model}, {os.cpu_count()} cores{used}, torch {torch.__version__}"
