@@ -14,17 +14,22 @@ from pathlib import Path
 L0_ONLY = ("lr", "lr_gate", "sparsity", "l0_lambda", "controller_warmup", "controller_schedule",
            "gate_grad", "projection", "gate_update", "init_log_alpha", "dense_warmup",
            "gate_init", "gate_init_scale", "gate_step_in_backward")
+# Settings that only the fixed-mask phase reads (diff pruning, magnitude, random).
+FIXED_ONLY = ("lr_fixmask", "fixmask_epochs")
 
 
 def settings(cfg) -> dict:
     """What a run's result depends on: the TrainConfig's fingerprint without the data
-    directory (the same files may lie anywhere) and, for methods without an L0 phase, without
-    the L0 phase's settings."""
+    directory (the same files may lie anywhere) and without the settings of a phase the
+    method does not have (full finetuning's runs serve a study of the fixed-mask rate)."""
+    from diffprune.train import plan
     out = cfg.fingerprint()
     out.pop("data_dir", None)
-    if cfg.method != "diff":
-        for k in L0_ONLY:
-            out.pop(k, None)
+    stages = {phase.stage for phase in plan(cfg)}
+    for stage, keys in (("l0", L0_ONLY), ("fixed", FIXED_ONLY)):
+        if stage not in stages:
+            for k in keys:
+                out.pop(k, None)
     return out
 
 
