@@ -172,7 +172,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_model_dir, tiny_glue, ca
 def test_density_dependent_defaults_unless_given():
     # the measured values at 0.5% and 0.1%, held beyond, interpolated between
     densities = (0.0002, 0.001, 0.0025, 0.005, 0.01)
-    assert [default_lr_fixmask(d) for d in densities] == [3e-3, 3e-3, 1.61e-3, 1e-3, 1e-3]
+    assert [default_lr_fixmask(d) for d in densities] == [3e-3, 3e-3, 2.38e-3, 2e-3, 2e-3]
     assert [TrainConfig(density=d).controller_warmup for d in densities] == \
         [1.0, 1.0, 0.715, 0.5, 0.5]
     assert TrainConfig(density=0.001, controller_warmup=0.3).controller_warmup == 0.3
