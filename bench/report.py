@@ -25,25 +25,25 @@ def label(variant: str) -> str:
     return LABELS.get(variant, variant)
 
 
-# Settings a score depends on, with the methods that use them (None: every method). A run
-# trained with another value than today's default is marked in the table: its row predates a
-# change of default and has not been retrained.
-WATCHED = {"lr": ("diff",), "controller_warmup": ("diff",),
-           "lr_fixmask": ("diff", "magnitude", "random"), "lr_head": None}
+# Settings a score depends on, with the training stage that reads them (None: every method;
+# train.plan gives a method's stages). A run trained with another value than today's default
+# is marked in the table: its row predates a change of default and has not been retrained.
+WATCHED = {"lr": "l0", "controller_warmup": "l0", "lr_fixmask": "fixed", "lr_head": None}
 
 
 def earlier_defaults(rs: list[dict], fields: dict | None = None) -> dict[str, dict]:
     """{setting: {"values": [...], "now": default}} where these runs (one variant's) differ
     from today's TrainConfig defaults at their density (some defaults depend on it), with the
     variant's own settings (``fields``, compare.variant_config: BitFit's head rate) on top."""
-    from diffprune.train import TrainConfig
+    from diffprune.train import TrainConfig, plan
     out, now = {}, {}
     for r in rs:
         cfg = r.get("config") or {}
         default = TrainConfig(**{**({"density": cfg["density"]} if "density" in cfg else {}),
                                  **(fields or {})})
-        for key, methods in WATCHED.items():
-            if key in cfg and (methods is None or cfg.get("method") in methods) \
+        stages = {phase.stage for phase in plan(TrainConfig(method=cfg.get("method", "diff")))}
+        for key, stage in WATCHED.items():
+            if key in cfg and (stage is None or stage in stages) \
                     and cfg[key] != getattr(default, key):
                 out.setdefault(key, set()).add(cfg[key])
                 now[key] = getattr(default, key)
