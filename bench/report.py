@@ -223,6 +223,14 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
             "## The L0 phase of each diff-pruning run", "", *l0]
 
 
+def fewer_seeds(rows: dict) -> tuple[int, dict[str, int]]:
+    """The most seeds any plotted point (a variant with an average) averages, and the
+    variants averaging fewer (their seed count: the fewest of any task)."""
+    seeds = {v: min(r["n"].values()) for v, r in rows.items() if r["average"] is not None}
+    most = max(seeds.values(), default=0)
+    return most, {v: n for v, n in seeds.items() if n < most}
+
+
 def plot_scores(rows: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -239,6 +247,15 @@ def plot_scores(rows: dict, path: Path) -> None:
         if v in rows and rows[v]["average"] is not None:
             x = 100 if v == "full" else rows[v]["pct_params"]
             ax.plot(x, rows[v]["average"], "^", markersize=8, label=label(v))
+    # points averaging fewer seeds than the most are not like for like: mark them
+    most, fewer = fewer_seeds(rows)
+    for v, n in fewer.items():
+        x = 100 if v == "full" else rows[v]["pct_params"]
+        ax.annotate(f"{n} seed{'s' * (n > 1)}", (x, rows[v]["average"]),
+                    xytext=(5, -12 if v.startswith("diff-s") else 4),
+                    textcoords="offset points", fontsize=7, color="0.35")
+    if fewer:
+        ax.set_title(f"mean over {most} seeds where not marked", fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("% of base parameters stored per task (log scale)")
     ax.set_ylabel("average dev score")

@@ -98,3 +98,17 @@ def test_methods_are_paired_on_the_seeds_both_finished_every_task_of():
            "| -6.85 to +5.85 | 1 / 1 / 2 |" in lines
     assert "| diff pruning, structured 0.5% | LoRA (PEFT, ~0.5%) | 1 | +0.50 | +0.50 |  | " \
            "1 / 0 / 1 |" in lines
+
+
+def test_plot_marks_the_points_that_average_fewer_seeds():
+    def seeded(variant, method, seed, task="a"):
+        return {**record(variant, method, task, 50.0 + seed), "seed": seed}
+    records = [seeded("full", "full", s) for s in (1, 2, 3)] \
+        + [seeded("diff-s-0.005", "diff", s) for s in (1, 2, 3)] \
+        + [seeded("diff-s-0.01", "diff", 1), seeded("lora", "lora", 1),
+           seeded("lora", "lora", 2), seeded("bitfit", "bitfit", 1, task="b")]
+    rows = report.aggregate(records, ("a",))
+    # BitFit has no score on task a, so no average and no point
+    assert report.fewer_seeds(rows) == (3, {"diff-s-0.01": 1, "lora": 2})
+    rows = report.aggregate([seeded("full", "full", 1), seeded("lora", "lora", 1)], ("a",))
+    assert report.fewer_seeds(rows) == (1, {})
