@@ -129,13 +129,14 @@ def _magnitude_at(variant: str) -> str:
 
 
 def pairings(records: list[dict], tasks: tuple[str, ...], variants) -> list[tuple]:
-    """(a, b, paired(a, b)) for every variant against full finetuning, and diff pruning
-    also against LoRA, SHiRA and the magnitude mask at its density; pairs without a shared
-    seed are left out."""
+    """(a, b, paired(a, b)) for every variant against full finetuning, diff pruning also
+    against LoRA, SHiRA and the magnitude mask at its density, and unstructured against
+    structured at the same density; pairs without a shared seed are left out."""
     out = []
     for a in variants:
         against = ["full"] + (["lora", "shira", _magnitude_at(a)] if a.startswith("diff-")
-                              else [])
+                              else []) \
+            + ([a.replace("diff-u-", "diff-s-")] if a.startswith("diff-u-") else [])
         for b in against:
             if a != b and b in variants:
                 p = paired(records, tasks, a, b)
@@ -211,8 +212,8 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
     if pairs:
         pairs = ["## Paired on the same seeds", "",
                  "Each method against full finetuning (and diff pruning against LoRA, SHiRA "
-                 "and the magnitude mask at its density) on the seeds both finished every "
-                 "task of: the difference of the averages, per seed and their mean, the 95% "
+                 "and the magnitude mask at its density, unstructured against structured) "
+                 "on the seeds both finished every task of: the difference of the averages, per seed and their mean, the 95% "
                  "confidence interval of that mean (Student's t over the seeds), and how "
                  "many task-seeds scored higher, the same, or lower.", "", *pairs, ""]
     return ["## Dev scores", "", *main, "", *pairs, "## Storage per task", "", *storage, "",

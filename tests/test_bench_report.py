@@ -72,7 +72,7 @@ def test_methods_are_paired_on_the_seeds_both_finished_every_task_of():
     scores = {("full", 1): (80, 60), ("full", 2): (82, 62), ("diff-s-0.005", 1): (81, 59),
               ("diff-s-0.005", 2): (80, 62), ("lora", 1): (79, 60), ("lora", 3): (90, 90),
               ("bitfit", 2): (70, 50), ("magnitude", 2): (80, 62),
-              ("magnitude-0.001", 1): (80, 60)}
+              ("magnitude-0.001", 1): (80, 60), ("diff-u-0.005", 1): (82, 60)}
     records = [{**record(v, v.split("-")[0], t, sc), "seed": seed}
                for (v, seed), pair in scores.items() for t, sc in zip(tasks, pair)]
     # lora seed 2 is missing a task: not a shared seed
@@ -87,12 +87,14 @@ def test_methods_are_paired_on_the_seeds_both_finished_every_task_of():
     assert p["interval95"] is None
     assert report.paired(records, tasks, "bitfit", "lora") is None
     # other methods are paired with full finetuning only; diff pruning also with the peers
-    # and with the magnitude mask at its own density
-    variants = ["full", "diff-s-0.005", "lora", "bitfit", "magnitude", "magnitude-0.001"]
+    # and with the magnitude mask at its own density; unstructured also with structured
+    variants = ["full", "diff-s-0.005", "lora", "bitfit", "magnitude", "magnitude-0.001",
+                "diff-u-0.005"]
     got = {(a, b) for a, b, _ in report.pairings(records, tasks, variants)}
     assert got == {("diff-s-0.005", "full"), ("diff-s-0.005", "lora"), ("lora", "full"),
                    ("bitfit", "full"), ("diff-s-0.005", "magnitude"), ("magnitude", "full"),
-                   ("magnitude-0.001", "full")}
+                   ("magnitude-0.001", "full"), ("diff-u-0.005", "full"),
+                   ("diff-u-0.005", "lora"), ("diff-u-0.005", "diff-s-0.005")}
     lines = report.paired_table(records, tasks, ["full", "diff-s-0.005", "lora", "bitfit"])
     assert "| diff pruning, structured 0.5% | full finetuning | 1, 2 | +0.00, -1.00 | -0.50 " \
            "| -6.85 to +5.85 | 1 / 1 / 2 |" in lines
