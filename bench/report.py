@@ -213,9 +213,10 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
         pairs = ["## Paired on the same seeds", "",
                  "Each method against full finetuning (and diff pruning against LoRA, SHiRA "
                  "and the magnitude mask at its density, unstructured against structured) "
-                 "on the seeds both finished every task of: the difference of the averages, per seed and their mean, the 95% "
-                 "confidence interval of that mean (Student's t over the seeds), and how "
-                 "many task-seeds scored higher, the same, or lower.", "", *pairs, ""]
+                 "on the seeds both finished every task of: the difference of the averages, "
+                 "per seed and their mean, the 95% confidence interval of that mean "
+                 "(Student's t over the seeds), and how many task-seeds scored higher, the "
+                 "same, or lower.", "", *pairs, ""]
     return ["## Dev scores", "", *main, "", *pairs, "## Storage per task", "", *storage, "",
             "## Training cost (this machine)", "",
             "Wall time and peak resident memory of each run's process. The machine was not "
