@@ -114,3 +114,8 @@ def test_plot_marks_the_points_that_average_fewer_seeds():
     assert report.fewer_seeds(rows) == (3, {"diff-s-0.01": 1, "lora": 2})
     rows = report.aggregate([seeded("full", "full", 1), seeded("lora", "lora", 1)], ("a",))
     assert report.fewer_seeds(rows) == (1, {})
+    # a variant counts the seeds of its task with the fewest
+    records = [seeded("full", "full", s, t) for s in (1, 2) for t in "ab"] \
+        + [seeded("lora", "lora", 1, "a"), seeded("lora", "lora", 2, "a"),
+           seeded("lora", "lora", 1, "b")]
+    assert report.fewer_seeds(report.aggregate(records, ("a", "b"))) == (2, {"lora": 1})
