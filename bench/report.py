@@ -158,6 +158,12 @@ def paired_table(records: list[dict], tasks: tuple[str, ...], order: list[str]) 
     return lines if len(lines) > 2 else []
 
 
+def pct_stored(variant: str, row: dict) -> float:
+    """% of the base a variant stores per task: full finetuning a whole checkpoint (as in the
+    paper's table), the others their changed parameters."""
+    return 100 if variant == "full" else row["pct_params"]
+
+
 def _fmt(x, spec=".2f"):
     return "" if x is None else format(x, spec)
 
@@ -170,8 +176,7 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
             + " | average | bytes per task |", "|---" * (len(tasks) + 5) + "|"]
     for v in order:
         r = rows[v]
-        # full finetuning stores a whole checkpoint per task (as in the paper's table)
-        pct, size = (100, ckpt_bytes) if v == "full" else (r["pct_params"], r["bytes"])
+        pct, size = pct_stored(v, r), ckpt_bytes if v == "full" else r["bytes"]
         cells = [_fmt(r["scores"].get(t)) + (f" ± {r['sd'][t]:.2f}" if t in r["sd"] else "")
                  for t in tasks]
         counts = sorted({n for n in r["n"].values() if n})
@@ -247,13 +252,12 @@ def plot_scores(rows: dict, path: Path) -> None:
             ax.plot(*zip(*pts), style, label=name)
     for v in ("full", "bitfit", "lora", "shira"):
         if v in rows and rows[v]["average"] is not None:
-            x = 100 if v == "full" else rows[v]["pct_params"]
-            ax.plot(x, rows[v]["average"], "^", markersize=8, label=label(v))
+            ax.plot(pct_stored(v, rows[v]), rows[v]["average"], "^", markersize=8,
+                    label=label(v))
     # points averaging fewer seeds than the most are not like for like: mark them
     most, fewer = fewer_seeds(rows)
     for v, n in fewer.items():
-        x = 100 if v == "full" else rows[v]["pct_params"]
-        ax.annotate(f"{n} seed{'s' * (n > 1)}", (x, rows[v]["average"]),
+        ax.annotate(f"{n} seed{'s' * (n > 1)}", (pct_stored(v, rows[v]), rows[v]["average"]),
                     xytext=(5, -12 if v.startswith("diff-s") else 4),
                     textcoords="offset points", fontsize=7, color="0.35")
     if fewer:
