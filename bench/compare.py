@@ -112,7 +112,7 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
            **variant_config(variant, profile), **args.overrides}
     results = None
     if args.reuse:
-        from diffprune.train import TrainConfig
+        from diffprune.recipe import TrainConfig
         from runs import reusable  # bench/runs.py
         results = reusable(TrainConfig(**cfg), args.reuse)
     if results is None:
@@ -158,7 +158,7 @@ def parse_overrides(items: list[str]) -> dict:
     """``FIELD=VALUE`` pairs as TrainConfig fields; values are read as JSON where they parse
     (numbers, true/false, null) and kept as strings otherwise."""
     from dataclasses import fields
-    from diffprune.train import TrainConfig
+    from diffprune.recipe import TrainConfig
     names = {f.name for f in fields(TrainConfig)}
     overrides = {}
     for item in items:
@@ -176,7 +176,8 @@ def parse_overrides(items: list[str]) -> dict:
 def _one(cfg_json: str) -> None:
     """Child process: one training run (its peak memory is its own)."""
     from diffprune.cli import tune_allocator
-    from diffprune.train import TrainConfig, train
+    from diffprune.recipe import TrainConfig
+    from diffprune.train import train
     logging.basicConfig(level=logging.WARNING)
     tune_allocator()
     train(TrainConfig(**json.loads(cfg_json)))

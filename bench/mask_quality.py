@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from diffprune.cli import tune_allocator
-from diffprune.train import TrainConfig, train
+from diffprune.recipe import TrainConfig
+from diffprune.train import train
 from runs import reusable  # bench/runs.py
 
 OUT = Path(__file__).parent / "results" / "mask_quality"

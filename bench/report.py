@@ -26,7 +26,7 @@ def label(variant: str) -> str:
 
 
 # Settings a score depends on, with the training stage that reads them (None: every method;
-# train.plan gives a method's stages). A run trained with another value than today's default
+# recipe.plan gives a method's stages). A run trained with another value than today's default
 # is marked in the table: its row predates a change of default and has not been retrained.
 WATCHED = {"lr": "l0", "controller_warmup": "l0", "lr_fixmask": "fixed", "lr_head": None}
 
@@ -35,7 +35,7 @@ def earlier_defaults(rs: list[dict], fields: dict | None = None) -> dict[str, di
     """{setting: {"values": [...], "now": default}} where these runs (one variant's) differ
     from today's TrainConfig defaults at their density (some defaults depend on it), with the
     variant's own settings (``fields``, compare.variant_config: BitFit's head rate) on top."""
-    from diffprune.train import TrainConfig, plan
+    from diffprune.recipe import TrainConfig, plan
     out, now = {}, {}
     for r in rs:
         cfg = r.get("config") or {}

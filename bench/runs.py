@@ -22,7 +22,7 @@ def settings(cfg) -> dict:
     """What a run's result depends on: the TrainConfig's fingerprint without the data
     directory (the same files may lie anywhere) and without the settings of a phase the
     method does not have (full finetuning's runs serve a study of the fixed-mask rate)."""
-    from diffprune.train import plan
+    from diffprune.recipe import plan
     out = cfg.fingerprint()
     out.pop("data_dir", None)
     stages = {phase.stage for phase in plan(cfg)}
@@ -37,7 +37,7 @@ def reusable(cfg, dirs: list[str]) -> dict | None:
     """A finished run JSON under ``dirs`` trained exactly as ``cfg`` (a TrainConfig) would be,
     with ``reused_from`` added; None if there is none. The settings are compared, not the
     code: reuse only runs of the same code."""
-    from diffprune.train import TrainConfig
+    from diffprune.recipe import TrainConfig
     want = settings(cfg)
     for d in dirs:
         for f in sorted(Path(d).glob("*.json")):

@@ -126,7 +126,7 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     from diffprune.cli import tune_allocator
     from diffprune.hf import load_model
     from diffprune.optim import GateStep
-    from diffprune.train import GATE_GROUPS
+    from diffprune.recipe import GATE_GROUPS
     tune_allocator()
     if config.endswith("_stream"):  # the numpy stream's gate, not counter.py's kernels
         from diffprune import counter

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from diffprune.train import TrainConfig
+from diffprune.recipe import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("report", ROOT / "bench" / "report.py")

@@ -4,7 +4,7 @@ import json
 import sys
 from pathlib import Path
 
-from diffprune.train import TrainConfig
+from diffprune.recipe import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("runs", ROOT / "bench" / "runs.py")

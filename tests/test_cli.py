@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 import diffprune as dp
 from diffprune.cli import _add_config_options, _config, main
 from diffprune.errors import ConfigError
-from diffprune.train import TrainConfig, default_lr_fixmask
+from diffprune.recipe import TrainConfig, default_lr_fixmask
 
 
 def _train(tmp_path, model_dir, glue, *extra, name="run"):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffprune.train import TrainConfig, train
+from diffprune.recipe import TrainConfig
+from diffprune.train import train
 
 peft = pytest.importorskip("peft")
 ROOT = Path(__file__).parent.parent

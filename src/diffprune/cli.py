@@ -1,7 +1,7 @@
 """The ``diffprune`` command line: train, eval, inspect, merge, predict, demo.
 
 Each subcommand is a thin caller of library functions. Options of ``train`` are generated from
-TrainConfig, whose field docstrings are the help text (written once, in train.py).
+TrainConfig, whose field docstrings are the help text (written once, in recipe.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from .hf import load_model
 from .sparse_diff import SparseDiff
 from .data.batches import collate, evaluate, predictions, tokenize
 from .distributed import is_main_process
-from .train import METHODS, TrainConfig, TrainingInterrupted, train
+from .recipe import METHODS, TrainConfig
+from .train import TrainingInterrupted, train
 
 log = logging.getLogger("diffprune")
 DEMO = {"task": "rotten", "out": "runs/demo", "max_train_samples": 2000}

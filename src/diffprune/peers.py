@@ -21,7 +21,8 @@ from .config import DEFAULT_DENSE_PATTERNS
 from .errors import ConfigError
 from .fileio import atomic_write_dir
 from .inject import _matches
-from .train import Phase, Trainer, _dir_bytes
+from .recipe import Phase
+from .train import Trainer, _dir_bytes
 
 ADAPTER_DIR = "adapter"
 
