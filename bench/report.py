@@ -230,12 +230,17 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
             "## The L0 phase of each diff-pruning run", "", *l0]
 
 
-def fewer_seeds(rows: dict) -> tuple[int, dict[str, int]]:
-    """The most seeds any plotted point (a variant with an average) averages, and the
-    variants averaging fewer (their seed count: the fewest of any task)."""
-    seeds = {v: min(r["n"].values()) for v, r in rows.items() if r["average"] is not None}
-    most = max(seeds.values(), default=0)
-    return most, {v: n for v, n in seeds.items() if n < most}
+def seed_counts(rows: dict) -> dict[str, int]:
+    """How many seeds each plotted point (a variant with an average) averages: the fewest of
+    any of its tasks."""
+    return {v: min(r["n"].values()) for v, r in rows.items() if r["average"] is not None}
+
+
+def with_seeds(name: str, counts: list[int]) -> str:
+    """A legend entry naming the seeds behind each of its points, in the order plotted:
+    "LoRA, 5 seeds"; "diff pruning, 3/3/6/3 seeds" where they differ."""
+    shown = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
+    return f"{name}, {shown} seed{'s' * (shown != '1')}"
 
 
 def plot_scores(rows: dict, path: Path) -> None:
@@ -243,25 +248,22 @@ def plot_scores(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    # each point averages its own seeds; the legend says how many, so points resting on
+    # fewer seeds than their neighbours are not read as like for like
+    seeds = seed_counts(rows)
     for prefix, name, style in (("diff-s-", "diff pruning (structured)", "o-"),
                                 ("diff-u-", "diff pruning (unstructured)", "s--"),
                                 ("magnitude", "magnitude (not learned)", "v:")):
-        pts = sorted((rows[v]["pct_params"], rows[v]["average"]) for v in rows
-                     if v.startswith(prefix) and rows[v]["average"] is not None)
+        pts = sorted((rows[v]["pct_params"], rows[v]["average"], seeds[v]) for v in seeds
+                     if v.startswith(prefix))
         if pts:
-            ax.plot(*zip(*pts), style, label=name)
+            x, y, n = zip(*pts)
+            ax.plot(x, y, style, label=with_seeds(name, list(n)))
     for v in ("full", "bitfit", "lora", "shira"):
-        if v in rows and rows[v]["average"] is not None:
+        if v in seeds:
             ax.plot(pct_stored(v, rows[v]), rows[v]["average"], "^", markersize=8,
-                    label=label(v))
-    # points averaging fewer seeds than the most are not like for like: mark them
-    most, fewer = fewer_seeds(rows)
-    for v, n in fewer.items():
-        ax.annotate(f"{n} seed{'s' * (n > 1)}", (pct_stored(v, rows[v]), rows[v]["average"]),
-                    xytext=(5, -12 if v.startswith("diff-s") else 4),
-                    textcoords="offset points", fontsize=7, color="0.35")
-    if fewer:
-        ax.set_title(f"mean over {most} seeds where not marked", fontsize=9)
+                    label=with_seeds(label(v), [seeds[v]]))
+    ax.set_title("mean over each point's seeds (in the legend, by % stored)", fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("% of base parameters stored per task (log scale)")
     ax.set_ylabel("average dev score")

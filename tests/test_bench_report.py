@@ -102,20 +102,37 @@ def test_methods_are_paired_on_the_seeds_both_finished_every_task_of():
            "1 / 0 / 1 |" in lines
 
 
-def test_plot_marks_the_points_that_average_fewer_seeds():
+def test_plot_legend_names_the_seeds_behind_each_point(tmp_path):
     def seeded(variant, method, seed, task="a"):
         return {**record(variant, method, task, 50.0 + seed), "seed": seed}
     records = [seeded("full", "full", s) for s in (1, 2, 3)] \
         + [seeded("diff-s-0.005", "diff", s) for s in (1, 2, 3)] \
-        + [seeded("diff-s-0.01", "diff", 1), seeded("lora", "lora", 1),
+        + [{**seeded("diff-s-0.01", "diff", 1), "nnz": 20}, seeded("lora", "lora", 1),
            seeded("lora", "lora", 2), seeded("bitfit", "bitfit", 1, task="b")]
     rows = report.aggregate(records, ("a",))
     # BitFit has no score on task a, so no average and no point
-    assert report.fewer_seeds(rows) == (3, {"diff-s-0.01": 1, "lora": 2})
-    rows = report.aggregate([seeded("full", "full", 1), seeded("lora", "lora", 1)], ("a",))
-    assert report.fewer_seeds(rows) == (1, {})
+    assert report.seed_counts(rows) == {"full": 3, "diff-s-0.005": 3, "diff-s-0.01": 1,
+                                        "lora": 2}
     # a variant counts the seeds of its task with the fewest
-    records = [seeded("full", "full", s, t) for s in (1, 2) for t in "ab"] \
+    two = [seeded("full", "full", s, t) for s in (1, 2) for t in "ab"] \
         + [seeded("lora", "lora", 1, "a"), seeded("lora", "lora", 2, "a"),
            seeded("lora", "lora", 1, "b")]
-    assert report.fewer_seeds(report.aggregate(records, ("a", "b"))) == (2, {"lora": 1})
+    assert report.seed_counts(report.aggregate(two, ("a", "b"))) == {"full": 2, "lora": 1}
+    assert report.with_seeds("LoRA", [1]) == "LoRA, 1 seed"
+    assert report.with_seeds("LoRA", [5]) == "LoRA, 5 seeds"
+    assert report.with_seeds("diff", [3, 3, 6, 1]) == "diff, 3/3/6/1 seeds"
+    # the legend the plot draws, read back from the figure: a line's counts in order of % stored
+    import matplotlib.pyplot as plt
+    seen = {}
+    real_savefig = plt.Figure.savefig
+    def capture(fig, *args, **kw):
+        seen["labels"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        return real_savefig(fig, *args, **kw)
+    plt.Figure.savefig = capture
+    try:
+        report.plot_scores(rows, tmp_path / "p.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert seen["labels"] == ["diff pruning (structured), 3/1 seeds", "full finetuning, 3 seeds",
+                              "LoRA (PEFT, ~0.5%), 2 seeds"]
