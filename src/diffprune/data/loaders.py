@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DiffPruneError
+from ..fileio import cache_dir
 from .tasks import TaskSpec, custom_task
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,6 @@ VADER_INNER = "additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 VADER_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
 ROTTEN_DEV_FRACTION = 0.1
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("DIFFPRUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffprune")
-    return Path(base)
 
 
 def _fetch_vader_snippets() -> bytes:
