@@ -11,15 +11,17 @@ from collections import defaultdict
 from .sparse_diff import SparseDiff
 
 _LAYER = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
+# MPNet's relative_attention_bias is an embedding table of relative positions
+_EMBED = r"embed|\.wte\.|\.wpe\.|relative_attention_bias"
 _COMPONENTS = [  # first match wins; checked on the lower-cased name
     ("layer_norm", r"layernorm|layer_norm|\.ln_|\.norm"),
     ("bias", r"\.bias$"),
-    ("embeddings", r"embed|\.wte\.|\.wpe\."),
+    ("embeddings", _EMBED),
     ("attn_q", r"\.(query|q_proj|q)\."),
     ("attn_k", r"\.(key|k_proj|k)\."),
     ("attn_v", r"\.(value|v_proj|v)\."),
     ("attn_qkv", r"c_attn"),
-    ("attn_o", r"attention\.output\.dense|attn\.c_proj|\.o_proj\.|attention\.o\."),
+    ("attn_o", r"attention\.output\.dense|attn\.c_proj|\.o_proj\.|(attention|attn)\.o\."),
     ("ffn", r"intermediate|output\.dense|mlp|\.fc"),
     ("pooler", r"pooler"),
 ]
@@ -38,7 +40,7 @@ def layer(name: str) -> str:
     if m:
         return m.group(1)
     low = name.lower()
-    if "embed" in low or ".wte." in low or ".wpe." in low:
+    if re.search(_EMBED, low):
         return "embeddings"
     return "pooler" if "pooler" in low else "other"
 
