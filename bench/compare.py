@@ -216,7 +216,7 @@ def main() -> None:
                         "are compared, not the code: reuse only runs of the same code)")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help="train only these of the profile's tasks, in this order")
-    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                    help="override TrainConfig fields in every run (a study, e.g. "
                         "lr_fixmask=3e-3); needs its own --out, so that the profile's results "
                         "stay those of its settings")

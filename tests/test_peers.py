@@ -116,12 +116,13 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
     # --set runs a study: its fields override the variant's, in a directory of its own
     study = tmp_path / "study"
     cmd_study = [c if c != str(out) else str(study) for c in cmd]
-    subprocess.run(cmd_study + ["--methods", "bitfit", "--set", "lr_full=5e-4"], check=True,
-                   capture_output=True)
-    assert json.loads((study / "runs" / "sst2-bitfit-s1.json").read_text()
-                      )["config"]["lr_full"] == 5e-4  # BitFit's own is 1e-3
+    # (--set given twice keeps both)
+    subprocess.run(cmd_study + ["--methods", "bitfit", "--set", "lr_full=5e-4", "--set",
+                                "lr_head=2e-4"], check=True, capture_output=True)
+    config = json.loads((study / "runs" / "sst2-bitfit-s1.json").read_text())["config"]
+    assert (config["lr_full"], config["lr_head"]) == (5e-4, 2e-4)  # BitFit's own: 1e-3, 1e-3
     assert json.loads((study / "results.json").read_text())["commands"][0].endswith(
-        f"--methods bitfit --set lr_full=5e-4 --out {study}")
+        f"--methods bitfit --set lr_full=5e-4 lr_head=2e-4 --out {study}")
     for extra, message in ((["--set", "lr_full=5e-4"], "give the study its own --out"),
                            (["--out", str(study), "--set", "lr=1", "nope=2"], "'nope=2'"),
                            (["--tasks", "rte"], "task(s) ['rte'] not in the profile's")):
