@@ -4,19 +4,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def atomic_write_dir(path: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` into a sibling temp directory, fsync them, then swap it into place."""
+@contextmanager
+def atomic_dir(path: Path):
+    """Yield a sibling temp directory to fill; on a clean exit it replaces ``path`` whole
+    (files fsynced first), on an error it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "r+b") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -28,6 +30,13 @@ def atomic_write_dir(path: Path, files: dict[str, bytes]) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_dir(path: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into a sibling temp directory, fsync them, then swap it into place."""
+    with atomic_dir(path) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
