@@ -226,7 +226,11 @@ def tables(rows: dict, tasks: tuple[str, ...], ckpt_bytes: int,
             "## Training cost (this machine)", "",
             "Wall time and peak resident memory of each run's process. The machine was not "
             "isolated: other jobs shared its 2 CPUs during some runs, so wall times are rough; "
-            "`bench/train_cost.py` is the controlled step-cost comparison.", "", *cost, "",
+            "`bench/train_cost.py` is the controlled step-cost comparison. Runs trained "
+            "before commit f7fde6d (session 23) held the whole training state a second time "
+            "while writing each checkpoint, which raised their peak memory (on MiniLM by about "
+            "0.8 GB for diff pruning and 0.3 GB for full finetuning: bench/README.md, "
+            "session 23).", "", *cost, "",
             "## The L0 phase of each diff-pruning run", "", *l0]
 
 
