@@ -33,3 +33,13 @@ def test_a_failed_write_leaves_the_last_checkpoint(tmp_path):
             raise RuntimeError("interrupted")
     assert load_checkpoint(path)[1] == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_atomic_dir_takes_subdirectories(tmp_path):
+    path = tmp_path / "model"
+    with atomic_dir(path) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+        (tmp / "weights").write_bytes(b"w")
+    assert (path / "sub" / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

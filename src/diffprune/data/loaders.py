@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DiffPruneError
-from ..fileio import cache_dir
+from ..fileio import atomic_write_bytes, cache_dir, pip_download
 from .tasks import TaskSpec, custom_task
 
 log = logging.getLogger(__name__)
@@ -125,13 +124,8 @@ ROTTEN_DEV_FRACTION = 0.1
 def _fetch_vader_snippets() -> bytes:
     """Download the vaderSentiment source distribution with pip and extract the ratings."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", "-d", tmp, VADER_SDIST]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            raise DataError(f"could not download {VADER_SDIST} from PyPI for the rotten task: "
-                            f"{proc.stderr.strip()[-300:]}")
+        sdists = pip_download([VADER_SDIST], Path(tmp), "the rotten task", DataError,
+                              sdist=True)
         with tarfile.open(sdists[0]) as outer:
             member = next((m for m in outer.getmembers() if m.name.endswith(VADER_INNER)), None)
             if member is None:
@@ -147,11 +141,7 @@ def load_rotten(spec: TaskSpec) -> TaskData:
     path = cache_dir() / "rotten" / "movieReviewSnippets_GroundTruth.txt"
     if not path.is_file():
         log.info("fetching %s from PyPI (once) into %s", VADER_SDIST, path.parent)
-        raw = _fetch_vader_snippets()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(raw)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, _fetch_vader_snippets())
     raw = path.read_bytes()
     if hashlib.sha256(raw).hexdigest() != VADER_SHA256:
         raise DataError(f"{path} does not have the expected checksum; delete it to re-fetch")
