@@ -259,7 +259,8 @@ def main() -> None:
         + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
         + (f" --reuse {' '.join(args.reuse)}" if args.reuse else "")
         + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
-        + (f" --set {' '.join(args.set)} --out {args.out}" if args.set else ""))
+        + (f" --set {' '.join(args.set)}" if args.set else "")
+        + (f" --out {args.out}" if args.out else ""))
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt,
                  variant_fields=lambda variant: variant_config(variant, profile))

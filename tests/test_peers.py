@@ -100,8 +100,9 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
     assert "| diff pruning, unstructured 1% | 1 |" in (out / "results.md").read_text()
     # the commands that trained runs, in order; --report-only trained nothing and adds none
     commands = json.loads((out / "results.json").read_text())["commands"]
+    o = f" --out {out}"  # recorded whenever given: a rerun must write where the runs are
     assert [c.split(str(tiny_model_dir))[1] for c in commands] == [
-        "", " --methods bitfit --seeds 2", " --methods diff-u-0.01"]
+        f"{o}", f" --methods bitfit --seeds 2{o}", f" --methods diff-u-0.01{o}"]
     bad = subprocess.run(cmd + ["--methods", "diff-x-0.5"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown method variant(s) ['diff-x-0.5']" in bad.stderr
     # --reuse takes a finished run with the same settings from elsewhere instead of training

