@@ -309,6 +309,30 @@ def with_command(commands: list[str], command: str | None) -> list[str]:
     return [c for c in commands if c != command] + [command]
 
 
+def training_text(records: list[dict], profile) -> str:
+    """The header's account of the training sets and epochs, read from the runs' own
+    settings (a ``--set`` may have changed the profile's), the profile's where no run has
+    them."""
+    sizes = {r["config"].get("max_train_samples") for r in records} or \
+        {profile.max_train_samples}
+    train = " and ".join("full training sets" if n is None else
+                         f"{n:,} seeded training examples per task"
+                         for n in sorted(sizes, key=lambda n: (n is None, n or 0)))
+    two = sorted({(r["config"]["epochs"], r["config"]["fixmask_epochs"]) for r in records
+                  if r["config"]["method"] in ("diff", "magnitude")}) or \
+        [(profile.epochs, profile.fixmask_epochs)]
+    one = sorted({r["config"]["epochs"] for r in records
+                  if r["config"]["method"] not in ("diff", "magnitude")}) or [profile.single]
+    same = {a + b for a, b in two} == set(one)
+    return (f"{train}; max length 128; the `seeds` column gives how many seeds each score "
+            "averages (mean ± sd where more than one); diff pruning and magnitude "
+            f"{' or '.join(f'{a} + {b}' for a, b in two)} epochs, the single-phase methods "
+            f"(full, BitFit, LoRA, SHiRA) {' or '.join(map(str, one))} epochs"
+            + (", so every method takes the same number of steps" if same else
+               " (the paper's epochs: diff pruning takes twice the steps)"
+               if profile.single_epochs else ""))
+
+
 def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile,
                  command: str | None, ckpt_bytes: int, variant_fields=None) -> None:
     rows = aggregate(records, tasks, variant_fields)
@@ -327,20 +351,12 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
     drawn = bool(structured) and plot_nonzeros(records, structured[0], out / "nonzeros.png")
     # the diffs live under tmp/ (not committed): a fresh checkout keeps the committed figure
     kept = bool(structured) and not drawn and (out / "nonzeros.png").exists()
-    train = (f"{profile.max_train_samples:,} seeded training examples per task"
-             if profile.max_train_samples else "full training sets")
     text = ["# diffprune vs full finetuning, BitFit, LoRA and SHiRA (issue 4)", "",
             "Commands (in the order they last ran; a later one adds runs, finished ones are "
             "kept):",
             "", *[f"- `{c}`" for c in commands], "",
-            f"Model: `{records[0]['config']['model'] if records else profile.model}`; {train}; "
-            "max length 128; the `seeds` column gives how many seeds each score averages "
-            "(mean ± sd where more than one); diff pruning and magnitude "
-            f"{profile.epochs} + {profile.fixmask_epochs} epochs, the single-phase methods "
-            f"(full, BitFit, LoRA, SHiRA) {profile.single} epochs"
-            + (", so every method takes the same number of steps" if profile.single_epochs is None
-               else " (the paper's epochs: diff pruning takes twice the steps)")
-            + ". Scores: each task's official dev "
+            f"Model: `{records[0]['config']['model'] if records else profile.model}`; "
+            f"{training_text(records, profile)}. Scores: each task's official dev "
             "metric (mean of its metrics), percent. `% params per task`: parameters a task "
             "stores beyond the base, as a share of the base (the dense task head, the same "
             "for every method, is stored too and counted in the byte columns). Runs trained "

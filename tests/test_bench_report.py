@@ -136,3 +136,21 @@ def test_plot_legend_names_the_seeds_behind_each_point(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     assert seen["labels"] == ["diff pruning (structured), 3/1 seeds", "full finetuning, 3 seeds",
                               "LoRA (PEFT, ~0.5%), 2 seeds"]
+
+
+def test_the_header_tells_the_training_sets_and_epochs_the_runs_used():
+    from types import SimpleNamespace
+    quick = SimpleNamespace(max_train_samples=1000, epochs=2, fixmask_epochs=2, single=4,
+                            single_epochs=None)
+    runs = [record("full", "full", "cola", 1, max_train_samples=None, epochs=4),
+            record("diff-s-0.005", "diff", "cola", 1, max_train_samples=None, epochs=2,
+                   fixmask_epochs=2)]
+    text = report.training_text(runs, quick)  # --set max_train_samples=null
+    assert text.startswith("full training sets;") and "1,000" not in text
+    assert "2 + 2 epochs" in text and "same number of steps" in text
+    split = [record("diff-s-0.005", "diff", "cola", 1, max_train_samples=1000, epochs=3,
+                    fixmask_epochs=1)]
+    text = report.training_text(split, quick)  # --set epochs=3 fixmask_epochs=1
+    assert text.startswith("1,000 seeded training examples per task;")
+    assert "3 + 1 epochs" in text and "2 + 2" not in text
+    assert "1,000 seeded" in report.training_text([], quick)  # no runs: the profile's
