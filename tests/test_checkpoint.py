@@ -1,9 +1,12 @@
 """Checkpoints and atomic directories: a checkpoint is whole or absent, never half-written."""
+import os
+import time
+
 import pytest
 import torch
 
 from diffprune.checkpoint import load_checkpoint, save_checkpoint
-from diffprune.fileio import atomic_dir
+from diffprune.fileio import STALE_S, atomic_dir
 
 
 def test_checkpoint_round_trip_overwrites_in_place(tmp_path):
@@ -43,3 +46,17 @@ def test_atomic_dir_takes_subdirectories(tmp_path):
         (tmp / "weights").write_bytes(b"w")
     assert (path / "sub" / "config.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_atomic_dir_removes_a_killed_writes_stale_temp_directories(tmp_path):
+    path = tmp_path / "checkpoint"
+    stale, young = tmp_path / ".checkpoint.tmp-killed", tmp_path / ".checkpoint.old-young"
+    for tmp in (stale, young):
+        tmp.mkdir()
+        (tmp / "tensors.safetensors").write_bytes(b"x")
+    day_ago = time.time() - STALE_S - 60
+    for p in (stale, stale / "tensors.safetensors"):
+        os.utime(p, (day_ago, day_ago))
+    with atomic_dir(path) as tmp:
+        (tmp / "state.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.old-young", "checkpoint"]

@@ -11,6 +11,7 @@ import pytest
 
 from diffprune import packaged
 from diffprune.errors import ConfigError, DiffPruneError
+from diffprune.fileio import STALE_S
 from diffprune.hf import resolve_model
 
 FILES = {"config.json": b'{"model_type": "mpnet"}', "model.safetensors": bytes(range(256)) * 40,
@@ -136,7 +137,7 @@ def test_a_killed_fetchs_leftovers_are_removed_once_a_day_old(tmp_path, monkeypa
     for tmp in (old, young, unpacking):
         (tmp / "sub").mkdir(parents=True)
         (tmp / "sub" / "part.whl").write_bytes(b"x")
-    day_ago = time.time() - packaged.STALE_S - 60
+    day_ago = time.time() - STALE_S - 60
     for path in (old, old / "sub", old / "sub" / "part.whl", unpacking, unpacking / "sub"):
         os.utime(path, (day_ago, day_ago))
     # the unpacking directory's file is recent: a fetch may still be writing into it

@@ -7,16 +7,38 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+STALE_S = 24 * 3600  # a temporary directory untouched this long was left by a killed writer
+
+
+def remove_stale(parent: Path, prefixes: tuple[str, ...], max_age: float = STALE_S) -> None:
+    """Delete the temporary directories in ``parent`` whose names start with one of
+    ``prefixes`` and in which nothing was touched for ``max_age`` seconds: a writer killed
+    before it could clean up (SIGKILL, power loss) left them. A younger one may belong to a
+    writer running now in another process, and stays."""
+    now = time.time()
+    for tmp in Path(parent).glob(".*"):
+        if not tmp.name.startswith(prefixes):
+            continue
+        try:
+            newest = max([tmp.stat().st_mtime] + [p.stat().st_mtime for p in tmp.rglob("*")])
+        except OSError:  # removed meanwhile by its own process
+            continue
+        if now - newest > max_age:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
 def atomic_dir(path: Path):
     """Yield a sibling temp directory to fill; on a clean exit it replaces ``path`` whole
-    (files fsynced first), on an error it is removed and ``path`` is left as it was."""
+    (files fsynced first), on an error it is removed and ``path`` is left as it was. The
+    stale temp directories of an earlier, killed write of ``path`` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, (f".{path.name}.tmp-", f".{path.name}.old-"))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp

