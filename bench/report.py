@@ -309,6 +309,14 @@ def with_command(commands: list[str], command: str | None) -> list[str]:
     return [c for c in commands if c != command] + [command]
 
 
+def reported_tasks(tasks: tuple[str, ...], records: list[dict]) -> tuple[str, ...]:
+    """The profile's tasks that have runs here, in its order (all of them where none has): a
+    study of some tasks (``--tasks``) gets its own columns, their average and the paired
+    table, instead of empty columns and no average."""
+    have = {r["task"] for r in records}
+    return tuple(t for t in tasks if t in have) or tuple(tasks)
+
+
 def training_text(records: list[dict], profile) -> str:
     """The header's account of the training sets and epochs, read from the runs' own
     settings (a ``--set`` may have changed the profile's), the profile's where no run has

@@ -154,3 +154,13 @@ def test_the_header_tells_the_training_sets_and_epochs_the_runs_used():
     assert text.startswith("1,000 seeded training examples per task;")
     assert "3 + 1 epochs" in text and "2 + 2" not in text
     assert "1,000 seeded" in report.training_text([], quick)  # no runs: the profile's
+
+
+def test_a_study_of_some_tasks_reports_their_columns_and_average():
+    five = ("rte", "mrpc", "stsb", "cola", "sst2")
+    runs = [record("full", "full", t, s) for t, s in (("cola", 30.0), ("rte", 60.0))]
+    shown = report.reported_tasks(five, runs)  # --tasks cola rte: the profile's order
+    assert shown == ("rte", "cola")
+    assert report.aggregate(runs, shown)["full"]["average"] == 45.0
+    assert report.aggregate(runs, five)["full"]["average"] is None  # what it was before
+    assert report.reported_tasks(five, []) == five
