@@ -263,7 +263,7 @@ def main() -> None:
         + (f" --out {args.out}" if args.out else ""))
     shown = reported_tasks(tasks, records)
     ckpt = full_checkpoint_bytes(args.model or profile.model, shown[0], args.data_dir)
-    write_report(out, records, shown, profile, command, ckpt,
+    write_report(out, records, shown, profile, command, ckpt, of_tasks=tasks,
                  variant_fields=lambda variant: variant_config(variant, profile))
 
 

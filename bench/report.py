@@ -317,6 +317,14 @@ def reported_tasks(tasks: tuple[str, ...], records: list[dict]) -> tuple[str, ..
     return tuple(t for t in tasks if t in have) or tuple(tasks)
 
 
+def subset_text(tasks: tuple[str, ...], of_tasks: tuple[str, ...] | None) -> str:
+    """The header's sentence for a report of fewer tasks than its profile's ('' otherwise)."""
+    if not of_tasks or len(tasks) == len(of_tasks):
+        return ""
+    return (f"Only {len(tasks)} of the profile's {len(of_tasks)} tasks have runs here "
+            f"({', '.join(tasks)}): the average is theirs, not that of {', '.join(of_tasks)}. ")
+
+
 def training_text(records: list[dict], profile) -> str:
     """The header's account of the training sets and epochs, read from the runs' own
     settings (a ``--set`` may have changed the profile's), the profile's where no run has
@@ -342,7 +350,10 @@ def training_text(records: list[dict], profile) -> str:
 
 
 def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile,
-                 command: str | None, ckpt_bytes: int, variant_fields=None) -> None:
+                 command: str | None, ckpt_bytes: int, variant_fields=None,
+                 of_tasks: tuple[str, ...] | None = None) -> None:
+    """``tasks``: the columns (``reported_tasks``); ``of_tasks``: the profile's, named in the
+    header when the columns are fewer, so a partial average is not read as the profile's."""
     rows = aggregate(records, tasks, variant_fields)
     old = out / "results.json"  # the commands that trained these runs, oldest first
     prev = json.loads(old.read_text()) if old.exists() else {}
@@ -364,7 +375,8 @@ def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile
             "kept):",
             "", *[f"- `{c}`" for c in commands], "",
             f"Model: `{records[0]['config']['model'] if records else profile.model}`; "
-            f"{training_text(records, profile)}. Scores: each task's official dev "
+            f"{training_text(records, profile)}. {subset_text(tasks, of_tasks)}"
+            "Scores: each task's official dev "
             "metric (mean of its metrics), percent. `% params per task`: parameters a task "
             "stores beyond the base, as a share of the base (the dense task head, the same "
             "for every method, is stored too and counted in the byte columns). Runs trained "

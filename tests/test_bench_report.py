@@ -164,3 +164,7 @@ def test_a_study_of_some_tasks_reports_their_columns_and_average():
     assert report.aggregate(runs, shown)["full"]["average"] == 45.0
     assert report.aggregate(runs, five)["full"]["average"] is None  # what it was before
     assert report.reported_tasks(five, []) == five
+    # the header says the average is over fewer tasks than the profile's
+    assert "Only 2 of the profile's 5 tasks have runs here (rte, cola)" in \
+        report.subset_text(shown, five)
+    assert report.subset_text(five, five) == "" and report.subset_text(shown, None) == ""
