@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,21 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
     return record
 
 
+def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args) -> list[dict]:
+    """run_one for each (variant, task, seed) of ``todo``, ``args.jobs`` at a time (each
+    run is a process of its own: several share a GPU that one small model leaves idle);
+    the records in todo's order."""
+    def one(item: tuple[str, str, int]) -> dict:
+        variant, task, seed = item
+        record = run_one(out, variant, task, seed, profile, args)
+        print(f"{task} {variant} seed {seed}: {record['score']:.2f}", flush=True)
+        return record
+    if args.jobs <= 1:
+        return [one(item) for item in todo]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(one, todo))
+
+
 def _runs_on_disk(out: Path) -> set[tuple[str, int]]:
     """(variant, seed) of the finished runs under ``out``: their files are named
     <task>-<variant>-s<seed>.json (task names hold no hyphen)."""
@@ -220,6 +236,9 @@ def main() -> None:
                    help="override TrainConfig fields in every run (a study, e.g. "
                         "lr_fixmask=3e-3); needs its own --out, so that the profile's results "
                         "stay those of its settings")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (default 1; on a GPU a small model leaves room for "
+                        "several)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -238,7 +257,7 @@ def main() -> None:
     train_seeds = tuple(args.seeds or profile.seeds)
     done = _runs_on_disk(out)
     seeds = sorted(set(train_seeds) | set(profile.seeds) | {seed for _, seed in done})
-    records = []
+    todo = []
     # method-major: an interrupted run leaves complete rows
     for variant in _variants(profile, args.methods, {variant for variant, _ in done}):
         for task in order:
@@ -246,10 +265,9 @@ def main() -> None:
                 path = out / "runs" / f"{task}-{variant}-s{seed}.json"
                 skip = (args.report_only or (args.methods and variant not in args.methods)
                         or seed not in train_seeds or (args.tasks and task not in args.tasks))
-                if skip and not path.exists():
-                    continue
-                records.append(run_one(out, variant, task, seed, profile, args))
-                print(f"{task} {variant} seed {seed}: {records[-1]['score']:.2f}", flush=True)
+                if not (skip and not path.exists()):
+                    todo.append((variant, task, seed))
+    records = run_all(out, todo, profile, args)
     from report import write_report  # bench/report.py
     # --report-only trained nothing: the list of commands that trained the runs stays as is
     command = None if args.report_only else (

@@ -27,8 +27,19 @@ Peak memory is reported twice: over the whole process
 steps). Prints and writes
 ratios to full finetuning.
 
+On a GPU (``--device cuda``) each step is timed between two device synchronisations and
+peak memory is what PyTorch's allocator held on the GPU (torch.cuda.max_memory_allocated,
+over the whole process and, after a reset, over the timed steps), not RSS. ``--bf16``
+runs forward and backward under bf16 autocast, as the trainer does on such a GPU. Step
+time on a GPU does not depend on the weights' values, so ``--model random:NAME`` builds
+a randomly initialised model of a known architecture instead of loading one (RANDOM:
+the paper's BERT-large among them), so base- and large-size models can be measured where
+their weights are not at hand.
+
   python bench/train_cost.py --batch-sizes 8 32 --length 128 [--model DIR] [--steps 10]
       [--rounds 3]
+  python bench/train_cost.py --device cuda --bf16 --model random:bert-large
+      --configs full full_again l0_structured l0_unstructured fixmask --out DIR
 """
 from __future__ import annotations
 
@@ -48,8 +59,17 @@ OUT = Path(__file__).parent / "results" / "train_cost"
 CONFIGS = ("full", "full_again", "l0_structured", "l0_unstructured",
            "l0_structured_separated", "l0_structured_apart", "l0_structured_whole",
            "l0_structured_stream", "fixmask")
-EXTRA_CONFIGS = ("l0_structured_1thread", "full_traffic")  # only when asked for with --configs
+# only when asked for with --configs; l0_structured_small_chunks: on a GPU, the fused gate's
+# passes in the CPU's cache-sized chunks (fused.CHUNK) instead of fused.GPU_CHUNK
+EXTRA_CONFIGS = ("l0_structured_1thread", "full_traffic", "l0_structured_small_chunks")
 WARMUP = 3  # untimed steps of each configuration
+# --model random:NAME: BERT-style configurations (transformers' BertConfig fields) of a
+# randomly initialised model; bert-large is the paper's base model (335M parameters)
+RANDOM = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                         intermediate_size=1536),
+          "bert-base": {},
+          "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             intermediate_size=4096)}
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
 # (STS-B, 1,000 examples, 0.5%: 2.5%); the *_separated configuration sets the gates so.
 UNSURE_SHARE = 0.025
@@ -89,7 +109,12 @@ def _add_traffic(model) -> None:
         params[0].register_hook(timed(torch.ones(4 * n)))
 
 
-def _reset_peak() -> bool:
+def _reset_peak(device: str = "cpu") -> bool:
+    """Start the peak memory counter again (_peak_mb); False where it cannot be."""
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -97,7 +122,12 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mb() -> float | None:
+def _peak_mb(device: str = "cpu") -> float | None:
+    """Peak memory since the last _reset_peak: RSS on CPU (VmHWM, Linux), the allocator's
+    GPU memory on a GPU."""
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -118,13 +148,38 @@ def _separate_gates(state) -> None:
             a.copy_(torch.where(unsure, torch.rand(a.shape, generator=g) * 28 - 13, -25.0))
 
 
-def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
-    """The model, optimizer and batch of one configuration, and its training step."""
+def _load(model_name: str, device):
+    """The sequence-classification model to measure on ``device``: a saved one, or
+    random:NAME (RANDOM), initialised on the device itself."""
+    import torch
+
+    from diffprune.hf import load_model
+    if not model_name.startswith("random:"):
+        return load_model(model_name, {"num_labels": 2})[0].to(device)
+    from transformers import AutoModelForSequenceClassification, BertConfig
+    name = model_name.split(":", 1)[1]
+    if name not in RANDOM:
+        raise SystemExit(f"unknown random model {name!r}; choose one of {sorted(RANDOM)}")
+    with torch.device(device):
+        return AutoModelForSequenceClassification.from_config(BertConfig(num_labels=2,
+                                                                         **RANDOM[name]))
+
+
+def _sync(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a clock read after it
+    counts that work."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(config: str, opts: dict):
+    """The model, optimizer and batch of one configuration, and its training step. ``opts``:
+    model, batch, length, steps, device, bf16 (see main's options)."""
     import torch
 
     import diffprune as dp
     from diffprune.cli import tune_allocator
-    from diffprune.hf import load_model
     from diffprune.optim import GateStep
     from diffprune.recipe import GATE_GROUPS
     tune_allocator()
@@ -134,11 +189,16 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
     if config.endswith("_apart"):  # the gate logits' AdamW step apart from the kernel
         from diffprune import optim
         optim.STEP_IN_KERNEL = False
+    if config.endswith("_small_chunks"):
+        from diffprune import fused
+        fused.GPU_CHUNK = fused.CHUNK
     if config.endswith("_1thread"):  # counter.py's kernels on one core
         import torch._inductor.config as inductor_config
         inductor_config.cpp.threads = 1
+    batch, length, steps = opts["batch"], opts["length"], opts["steps"]
+    device = torch.device(opts["device"])
     torch.manual_seed(0)
-    model, _ = load_model(model_name, {"num_labels": 2})
+    model = _load(opts["model"], device)
     model.train()
     controller = None
     if is_full(config):
@@ -164,34 +224,44 @@ def _setup(config: str, model_name: str, batch: int, length: int, steps: int):
         if controller is not None:  # as the trainer does in one process: gates step in backward
             dp.get_state(model).gate_step = GateStep(opt)
     vocab = model.config.vocab_size
-    ids = torch.randint(1000, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
-    labels = torch.randint(0, 2, (batch,))
+    ids = torch.randint(1000, vocab, (batch, length),
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    labels = torch.randint(0, 2, (batch,)).to(device)
     clipped = [p for g in opt.param_groups for p in g["params"]
                if g.get("name") not in GATE_GROUPS]
 
     def step() -> float:
+        _sync(device)
         start = time.perf_counter()
         if controller is not None:
             controller.step(model)
-        model(input_ids=ids, labels=labels).loss.backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=opts["bf16"]):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(clipped, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
         return time.perf_counter() - start
     return step
 
 
-def _worker(config: str, model_name: str, batch: int, length: int, steps: int, conn) -> None:
+def _worker(config: str, opts: dict, conn) -> None:
     """Child process of one configuration: set up, then one training step per "step" message
-    (answering its time), and its peak memory on "done"."""
-    step = _setup(config, model_name, batch, length, steps)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reset = _reset_peak()
+    (answering its time), and its peak memory on "done" (on a GPU the allocator's: the
+    peak_rss keys then hold GPU memory)."""
+    step = _setup(config, opts)
+    device, steps = opts["device"], opts["steps"]
+    gpu = device.startswith("cuda")
+    loaded = _peak_mb(device) if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    whole = loaded
+    reset = _reset_peak(device)
     traffic: list[float] = []  # full_traffic's hooks' seconds in each step
     conn.send("ready")
     while (message := conn.recv()) != "done":
         if message == "reset":  # after the warm-up steps (and the kernels' compilation)
-            reset = _reset_peak()
+            whole = max(whole, _peak_mb(device)) if gpu else whole
+            reset = _reset_peak(device)
             conn.send(reset)
         else:
             TRAFFIC_S[0] = 0.0
@@ -199,9 +269,10 @@ def _worker(config: str, model_name: str, batch: int, length: int, steps: int, c
             traffic.append(TRAFFIC_S[0])
     conn.send({"config": config,
                "traffic_s_all": traffic[-steps:] if config == "full_traffic" else None,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "rss_after_setup_mb": rss_loaded / 1024,
-               "peak_train_rss_mb": _peak_mb() if reset else None})
+               "peak_rss_mb": max(whole, _peak_mb(device)) if gpu else
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "rss_after_setup_mb": loaded,
+               "peak_train_rss_mb": _peak_mb(device) if reset else None})
 
 
 def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
@@ -214,8 +285,9 @@ def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
     k = turn % len(args.configs)
     for c in args.configs[k:] + args.configs[:k]:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(c, args.model, batch, args.length, args.steps,
-                                                 child))
+        opts = {"model": args.model, "batch": batch, "length": args.length,
+                "steps": args.steps, "device": args.device, "bf16": args.bf16}
+        proc = ctx.Process(target=_worker, args=(c, opts, child))
         proc.start()
         assert parent.recv() == "ready"  # set up one at a time: loading is not timed
         workers[c] = (proc, parent)
@@ -252,6 +324,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as the trainer on a GPU)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + EXTRA_CONFIGS,
                    help="configurations to measure (full finetuning is always one)")
     p.add_argument("--out", type=Path, default=OUT, help="results directory")
@@ -267,9 +341,11 @@ def main() -> None:
         saved = json.loads((args.out / "results.json").read_text())
         command, measured = saved["command"], saved.get("measured") or _from_rows(saved["rows"])
         where = saved.get("machine", "not recorded")
+        args.device, args.bf16 = saved.get("device", "cpu"), saved.get("bf16", False)
+        args.model = saved.get("model", args.model)
     else:
         command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
-        where = machine()
+        where = machine(device=args.device)
         measured = []
         for batch in args.batch_sizes:
             rounds = []
@@ -281,6 +357,7 @@ def main() -> None:
                         f"{c} {rounds[-1][c]['step_s'] / base:.2f}x" for c in args.configs),
                         flush=True)
             measured.append({"batch": batch, "rounds": rounds})
+    memory = "GPU memory" if args.device.startswith("cuda") else "peak RSS"
     rows = []
     for m in measured:
         bases = [_base(r) for r in m["rounds"]]
@@ -289,28 +366,32 @@ def main() -> None:
                                   args.length))
             r = rows[-1]
             print(f"batch {m['batch']:3d} {c:24s} {1e3 * r['step_s']:8.1f} ms/step "
-                  f"({r['time_ratio']:.2f}x)  peak RSS {r['peak_rss_mb']:7.0f} MB "
+                  f"({r['time_ratio']:.2f}x)  {memory} {r['peak_rss_mb']:7.0f} MB "
                   f"({r['memory_ratio']:.2f}x), in training {_fmt(r['peak_train_rss_mb'])} MB "
                   f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
-        {"command": command, "machine": where, "rows": rows, "measured": measured}, indent=1))
+        {"command": command, "machine": where, "model": args.model, "device": args.device,
+         "bf16": args.bf16, "rows": rows, "measured": measured}, indent=1))
     n_rounds = len(measured[0]["rounds"])
     many, two = n_rounds > 1, sum(map(is_full, measured[0]["rounds"][0])) > 1
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
-             "", f"Machine: {where}.", "", f"Model {args.model}, length {args.length}, median of "
+             "", f"Machine: {where}.", "", f"Model {args.model}, length {args.length}"
+             + (", bf16 autocast" if args.bf16 else "") + ", median of "
              f"{len(rows[0]['rounds'][0]['step_s_all'])} steps "
              f"after {WARMUP} warm-up steps, the configurations' processes stepping in turn; "
-             "peak RSS of a child process per configuration, over the "
+             + ("peak GPU memory held by PyTorch's allocator (torch.cuda.max_memory_allocated) "
+                if memory == "GPU memory" else "peak RSS ")
+             + "of a child process per configuration, over the "
              "whole process and over the timed training steps alone (peak counter reset "
              "after the warm-up steps, which compile the gate kernels)."
              + (" Ratios are to the mean of full finetuning's two processes (full and "
                 "full_again) in the same round." if two else "")
              + (f" {n_rounds} rounds, each in new processes started in rotated order: "
-                "ms / step and peak RSS are medians over the rounds, each ratio the median "
+                f"ms / step and {memory} are medians over the rounds, each ratio the median "
                 "of the rounds' ratios (every round's in the last column)." if many else ""),
-             "", "| batch | configuration | ms / step | x full | peak RSS MB | x full "
-             "| peak RSS in training MB | x full |" + (" x full, each round |" if many else ""),
+             "", f"| batch | configuration | ms / step | x full | {memory} MB | x full "
+             f"| {memory} in training MB | x full |" + (" x full, each round |" if many else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if many else "")]
     lines += [f"| {r['batch']} | {r['config']} | {1e3 * r['step_s']:.1f} | "
               f"{r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | {r['memory_ratio']:.2f} | "

@@ -65,7 +65,7 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
     out = tmp_path / "compare"
     cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--profile", "smoke",
            "--model", str(tiny_model_dir), "--data-dir", str(tiny_glue), "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd + ["--jobs", "2"], check=True, capture_output=True)  # two at a time
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     assert set(runs) == {"sst2-full-s1", "sst2-diff-s-0.05-s1", "sst2-bitfit-s1",
                          "sst2-lora-s1"}

@@ -161,6 +161,15 @@ def _add_noise_where_uncertain(x: torch.Tensor, generator: CpuNoise, lo: float,
 # Elements per chunk: every temporary (noise, gate, products) is this size instead of the
 # tensor's, and stays in cache between the elementwise passes.
 CHUNK = 1 << 18
+# On a GPU each pass is a kernel launch of a few microseconds whatever its size, and cache
+# does not pay for them: chunks of 16M entries (64 MB temporaries in float32) put most of a
+# base-size model's tensors in one chunk each.
+GPU_CHUNK = 1 << 24
+
+
+def chunk_for(device: torch.device) -> int:
+    """Elements per chunk of the fused gate's passes on ``device``."""
+    return CHUNK if device.type == "cpu" else GPU_CHUNK
 
 
 def _spans(n: int, chunk: int) -> list[slice]:
@@ -185,8 +194,8 @@ class GatedDelta(torch.autograd.Function):
     for the sampled one the noise generator's state before sampling is saved (``generator``,
     else the device's global one) and backward draws the same noise again (bit-identical z),
     except for the CPU spans kept as _SparseZ.
-    Both passes work in chunks of ``CHUNK`` elements, drawing the noise chunk by chunk in the
-    same order, so no temporary is larger than a chunk.
+    Both passes work in chunks of ``chunk_for(device)`` elements, drawing the noise chunk by
+    chunk in the same order, so no temporary is larger than a chunk.
 
     ``gate_step`` (optim.GateStep): log_alpha takes its optimizer step inside backward, span
     by span, as soon as its gradient is known (with counter.py's kernels, in the same
@@ -226,7 +235,7 @@ class GatedDelta(torch.autograd.Function):
                 z = None
                 theta = torch.empty_like(theta0)
                 out, t0, wf, af = (t.reshape(-1) for t in (theta, theta0, w, log_alpha))
-                for s in _spans(out.numel(), CHUNK):
+                for s in _spans(out.numel(), chunk_for(out.device)):
                     zs = _gate(af[s], shift, left, right, temperature, stochastic,
                                generator, plan)
                     if KEEP_Z and plan and plan[-1].state is not None:  # drawn for all:
@@ -236,7 +245,7 @@ class GatedDelta(torch.autograd.Function):
                         torch.addcmul(t0[s], zs, wf[s], out=out[s])
                     else:  # half-precision base: the sum in w's dtype, then rounded once
                         out[s] = torch.addcmul(t0[s].to(wf.dtype), zs, wf[s])
-        ctx.chunk = (counter.CHUNK if counted else CHUNK if z is None
+        ctx.chunk = (counter.CHUNK if counted else chunk_for(w.device) if z is None
                      else max(w.numel(), 1))
         ctx.plan = plan
         ctx.gate_step, ctx.log_alpha = gate_step, log_alpha  # the Parameter itself
