@@ -99,6 +99,32 @@ class GateStep:
         return groups[0]
 
     @torch.no_grad()
+    def step_all(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """One AdamW step of each of ``params`` with its whole gradient, all at once: one
+        multi-tensor kernel where torch has it (flat.GatedFlat's backward on a GPU), with
+        no value read back from the device."""
+        states = [self.optimizer.state[p] for p in params]
+        for p, state in zip(params, states):
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self.reduce is not None:
+            for g in grads:
+                self.reduce(g.view(-1))
+        g = self._group()
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        if _FUSED_ADAMW is None or params[0].device.type not in ("cpu", "cuda"):
+            for p, state, grad in zip(params, states, grads):
+                SpanStep(p, state, g, None)(slice(None), grad.reshape(-1))
+            return
+        _FUSED_ADAMW([p.detach() for p in params], grads, [s["exp_avg"] for s in states],
+                     [s["exp_avg_sq"] for s in states], [], steps, lr=g["lr"],
+                     beta1=g["betas"][0], beta2=g["betas"][1], weight_decay=g["weight_decay"],
+                     eps=g["eps"], amsgrad=False, maximize=False)
+
+    @torch.no_grad()
     def begin(self, param: torch.Tensor, reduced: bool = False) -> "SpanStep":
         """One optimizer step of ``param`` begins: returns its SpanStep (called as
         update(span, grad_of_span)). ``reduced``: the caller has already averaged the

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import counter, gates, rows
+from . import counter, flat, gates, rows
 from .config import DiffPruneConfig
 from .errors import DiffPruneError
 from .fused import GatedDelta
@@ -137,7 +137,8 @@ class DiffState(nn.Module):
         device = self.theta0(0).device
         if self.noise_seed is not None and (self._noise is None or
                                             self._noise.device != device):
-            self._noise = (gates.CpuNoise(self.noise_seed) if device.type == "cpu" else
+            cpu = device.type == "cpu" and not flat.ON_CPU
+            self._noise = (gates.CpuNoise(self.noise_seed) if cpu else
                            torch.Generator(device).manual_seed(self.noise_seed))
         return self._noise
 
@@ -221,11 +222,18 @@ class DiffState(nn.Module):
         if self.stage == "fixed":
             # Scatter the nnz values straight into a copy of theta0: exactly what
             # SparseDiff.apply_ and merging do, so all three agree bit for bit.
+            theta0s = [self.theta0(i) for i in range(len(self.targets))]
+            if flat.usable(theta0s, None):  # accelerators: one scatter for all (flat.py)
+                indices = [self.indices(i) for i in range(len(self.targets))]
+                key = tuple((id(x), x._version) for x in indices)  # a load copies into them
+                if getattr(self, "_flat_indices", (None,))[0] != key:
+                    self._flat_indices = key, flat.offset_indices(indices, theta0s)
+                return flat.fixed_thetas(theta0s, list(self.values), self._flat_indices[1])
             out = []
             for i, v in enumerate(self.values):
                 t0 = self.theta0(i)
-                flat = t0.reshape(-1).to(v.dtype).index_add(0, self.indices(i), v)
-                out.append(flat.view(t0.shape).to(t0.dtype))
+                scattered = t0.reshape(-1).to(v.dtype).index_add(0, self.indices(i), v)
+                out.append(scattered.view(t0.shape).to(t0.dtype))
             return out
         if self.stage == "l0" and not self.hold_open:
             return self._l0_thetas(stochastic, by_rows)
@@ -246,6 +254,11 @@ class DiffState(nn.Module):
         else:
             zg = gates.deterministic_gate(group, **self.gate_args())
         expected = c.gate_grad == "expected"
+        theta0s = [self.theta0(i) for i in range(len(self.targets))]
+        if flat.usable(theta0s, gen):  # accelerators: every target in one pass (flat.py)
+            return flat.gated_thetas(theta0s, list(self.w), list(self.log_alpha),
+                                     self.logit_shift, zg, c.stretch_left, c.stretch_right,
+                                     c.temperature, stochastic, expected, gen, self.gate_step)
         thetas = [None] * len(self.targets)
         small = self._small_group(gen)
         if small:  # many small tensors in one pass (counter.GatedGroup)

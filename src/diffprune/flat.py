@@ -1,0 +1,165 @@
+"""The L0 stage's gates for every target in one pass over their concatenation (accelerators).
+
+On a GPU each elementwise pass is a kernel launch of a few microseconds whatever its size.
+fused.GatedDelta takes about 30 of them per target and step, and the gate logits' optimizer
+step one more per target; a BERT model has 100-400 targets, so diff pruning's step was
+bound by launches (and, while the step count was read back per target, by waiting for the
+device): on an H200, with 16 runs sharing it, full finetuning of MiniLM on CoLA finished in
+227 s and diff pruning had not finished after 315 s (bench/README.md). Here theta0, w and
+log_alpha of all targets are concatenated (three copies of N entries, cheap on a GPU),
+the gate runs over the flat vector in chunks of fused.chunk_for(device) entries, and the
+thetas are views of the flat result; backward computes the flat gradients in the same
+chunks, the group gates' gradients as per-target sums (one segment reduction), and steps
+every gate logit at once (optim.GateStep.step_all: one multi-tensor AdamW kernel).
+
+Same maths as fused.GatedDelta (tested against the plain formulation). The noise comes from
+the generator's stream drawn chunk by chunk over the flat vector, so it differs from the
+per-target path's draws: one sample is as good as the other, but a run on this path does
+not repeat one on that path bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .fused import _spans, chunk_for
+from .gates import _U_EPS
+
+# True: this path on CPU too, with a torch generator for the noise (DiffState.noise_generator):
+# the accelerators' code path, run where the tests run; the CPU has faster kernels of its own
+ON_CPU = False
+
+
+def usable(theta0s: list[torch.Tensor], generator) -> bool:
+    """Whether the flat path applies: an accelerator (or ON_CPU), a torch generator or the
+    global one, and one dtype and device for all of theta0."""
+    device = theta0s[0].device
+    return ((device.type != "cpu" or ON_CPU)
+            and (generator is None or isinstance(generator, torch.Generator))
+            and all(t.device == device and t.dtype == theta0s[0].dtype for t in theta0s))
+
+
+def gated_thetas(theta0s, ws, log_alphas, shift, zg, left: float, right: float,
+                 temperature: float, stochastic: bool, expected_grad: bool, generator=None,
+                 gate_step=None) -> list[torch.Tensor]:
+    """theta_i = theta0_i + (z_i * zg_i) * w_i for every target i, through one GatedFlat.
+    With ``gate_step`` the logits (when they need a gradient) step inside backward and get
+    none; otherwise they get theirs through the concatenation."""
+    sizes = [t.numel() for t in theta0s]
+    with torch.no_grad():
+        theta0 = torch.cat([t.reshape(-1) for t in theta0s])
+    w = torch.cat([x.reshape(-1) for x in ws])
+    a = torch.cat([x.reshape(-1) for x in log_alphas])  # with a gate_step, its grad is None
+    lengths = torch.tensor(sizes, device=theta0.device)
+    flat = GatedFlat.apply(theta0, w, a, shift, zg, lengths,
+                           (left, right, temperature if stochastic else 1.0, stochastic,
+                            expected_grad, generator, gate_step, list(log_alphas), sizes))
+    return [x.view(t.shape) for x, t in zip(flat.split(sizes), theta0s)]
+
+
+def offset_indices(indices: list[torch.Tensor], theta0s: list[torch.Tensor]) -> torch.Tensor:
+    """The fixed stage's flat positions per target, as positions in the concatenation."""
+    offsets, start = [], 0
+    for t in theta0s:
+        offsets.append(start)
+        start += t.numel()
+    return torch.cat([i + o for i, o in zip(indices, offsets)])
+
+
+def fixed_thetas(theta0s, values, flat_indices: torch.Tensor) -> list[torch.Tensor]:
+    """The fixed stage's theta_i = theta0_i with its values scattered in, for every target
+    in one scatter (the same sums as DiffState.thetas's per-target ones, bit for bit)."""
+    with torch.no_grad():
+        theta0 = torch.cat([t.reshape(-1) for t in theta0s])
+    v = torch.cat([x.reshape(-1) for x in values])
+    out = theta0.to(v.dtype).index_add(0, flat_indices, v).to(theta0.dtype)
+    return [x.view(t.shape) for x, t in zip(out.split([t.numel() for t in theta0s]), theta0s)]
+
+
+def _gate(a: torch.Tensor, shift, left, right, temperature, noise) -> torch.Tensor:
+    """z of one flat span: clamp(sigmoid((a + shift + logit(u)) / T) (r - l) + l, 0, 1)."""
+    z = a + shift
+    if noise is not None:
+        z.add_(noise.logit_(_U_EPS))
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)
+
+
+def _noise(n: int, generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
+
+
+class GatedFlat(torch.autograd.Function):
+    """The flat gate: inputs theta0, w, log_alpha (N,), shift (0-dim), zg (targets,),
+    lengths (targets,); consts = (left, right, temperature, stochastic, expected_grad,
+    generator, gate_step, the log_alpha Parameters, their sizes). Backward draws the forward's noise
+    again from the generator's saved state."""
+
+    @staticmethod
+    def forward(ctx, theta0, w, a, shift, zg, lengths, consts):
+        left, right, temperature, stochastic, expected_grad, generator, gate_step, params, \
+            sizes = consts
+        if stochastic and generator is None:
+            generator = (torch.default_generator if a.device.type == "cpu" else
+                         torch.cuda.default_generators[a.device.index or 0])
+        state = generator.get_state() if stochastic else None
+        n = a.numel()
+        zg_e = torch.repeat_interleave(zg.detach(), lengths, output_size=n)
+        theta = torch.empty_like(theta0)
+        with torch.no_grad():
+            for s in _spans(n, chunk_for(a.device)):
+                noise = _noise(s.stop - s.start, generator, a) if stochastic else None
+                z = _gate(a[s], shift, left, right, temperature, noise).mul_(zg_e[s])
+                if theta.dtype == w.dtype:
+                    torch.addcmul(theta0[s], z, w[s], out=theta[s])
+                else:  # half-precision base: the sum in w's dtype, then rounded once
+                    theta[s] = torch.addcmul(theta0[s].to(w.dtype), z, w[s])
+        ctx.consts = (left, right, temperature, stochastic, expected_grad, state,
+                      gate_step, params, sizes)
+        ctx.save_for_backward(w, a, shift, zg, lengths)
+        return theta
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, a, shift, zg, lengths = ctx.saved_tensors
+        left, right, temperature, stochastic, expected_grad, state, gate_step, params, sizes \
+            = ctx.consts
+        need_w, need_a, need_zg = (ctx.needs_input_grad[i] for i in (1, 2, 4))
+        step = gate_step is not None and need_a  # the logits step here, get no gradient
+        generator = None
+        if stochastic:
+            generator = torch.Generator(a.device)
+            generator.set_state(state)
+        n = a.numel()
+        zg_e = torch.repeat_interleave(zg.detach(), lengths, output_size=n)
+        grad_w = torch.empty_like(w) if need_w else None
+        grad_a = torch.empty_like(a) if need_a else None
+        gwz = torch.empty_like(w) if need_zg else None
+        c = temperature * math.log(-left / right)
+        for s in _spans(n, chunk_for(a.device)):
+            noise = _noise(s.stop - s.start, generator, a) if stochastic else None
+            z = _gate(a[s], shift, left, right, temperature, noise)
+            g = grad[s].to(w.dtype)
+            gw = g * w[s]
+            if need_zg:
+                torch.mul(gw, z, out=gwz[s])
+            if grad_w is not None:
+                torch.mul(g, z, out=grad_w[s]).mul_(zg_e[s])
+            if grad_a is not None:
+                if expected_grad:  # d/da P(z != 0) = sigma'(a + shift - c)
+                    p = (a[s] + shift).sub_(c).sigmoid_()
+                    torch.addcmul(p, p, p, value=-1.0, out=grad_a[s])
+                else:  # dz/da inside the unclamped band, 0 where z is clamped
+                    u = (z - left).div_(right - left)
+                    torch.addcmul(u, u, u, value=-1.0, out=grad_a[s]).mul_(
+                        (right - left) / temperature).mul_((z > 0) & (z < 1))
+                grad_a[s].mul_(gw).mul_(zg_e[s])
+        grad_zg = (torch.segment_reduce(gwz, "sum", lengths=lengths).reshape(zg.shape)
+                   if need_zg else None)
+        if step:
+            gate_step.step_all(params, [g.view(p.shape) for g, p in
+                                        zip(grad_a.split(sizes), params)])
+            grad_a = None
+        return None, grad_w, grad_a, None, grad_zg, None, None
