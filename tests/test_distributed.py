@@ -7,6 +7,7 @@ batch on its own and DDP averages the two half-batch gradients. Tolerance: ident
 positions, values within 1e-5 (they are of order 1e-2 after these steps).
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -17,11 +18,12 @@ from conftest import write_tiny_model_dir
 from diffprune import SparseDiff
 
 
-def _train(args: list[str], procs: int, out, check: bool = True):
+def _train(args: list[str], procs: int, out, check: bool = True, env: dict | None = None):
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable])
     cmd = launch + ["-m", "diffprune.cli", "train", *args, "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
@@ -76,3 +78,18 @@ def test_two_process_run_resumes_from_its_checkpoint(runs):
     _train(args + ["--resume"], 2, root / "resumed")
     _assert_same(SparseDiff.load(root / "ddp" / "diff"),
                  SparseDiff.load(root / "resumed" / "diff"), atol=1e-6)
+
+
+def test_two_processes_on_the_accelerators_path_train_the_single_process_diff(runs):
+    """The same on the GPU's code path (flat.py, run on CPU): the gate logits' gradient is
+    averaged across ranks once for all of them inside backward."""
+    root, args = runs
+    env = {"DIFFPRUNE_FLAT_ON_CPU": "1"}
+    _train(args, 1, root / "flat-single", env=env)
+    _train(args, 2, root / "flat-ddp", env=env)
+    single = SparseDiff.load(root / "flat-single" / "diff")
+    per_target = SparseDiff.load(root / "single" / "diff")
+    assert single.nnz == per_target.nnz > 0  # another path: other noise, another diff
+    assert any(not torch.equal(a.values, b.values)
+               for a, b in zip(single.tensors, per_target.tensors))
+    _assert_same(single, SparseDiff.load(root / "flat-ddp" / "diff"), atol=1e-5)

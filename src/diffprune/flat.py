@@ -20,15 +20,17 @@ not repeat one on that path bit for bit.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .fused import _spans, chunk_for
 from .gates import _U_EPS
 
-# True: this path on CPU too, with a torch generator for the noise (DiffState.noise_generator):
-# the accelerators' code path, run where the tests run; the CPU has faster kernels of its own
-ON_CPU = False
+# True (or DIFFPRUNE_FLAT_ON_CPU=1): this path on CPU too, with a torch generator for the noise
+# (DiffState.noise_generator): the accelerators' code, run where the tests run; the CPU has
+# faster kernels of its own
+ON_CPU = os.environ.get("DIFFPRUNE_FLAT_ON_CPU", "0") == "1"
 
 
 def usable(theta0s: list[torch.Tensor], generator) -> bool:
@@ -159,7 +161,9 @@ class GatedFlat(torch.autograd.Function):
         grad_zg = (torch.segment_reduce(gwz, "sum", lengths=lengths).reshape(zg.shape)
                    if need_zg else None)
         if step:
+            if gate_step.reduce is not None:  # data parallel: one average for all the gates
+                gate_step.reduce(grad_a)
             gate_step.step_all(params, [g.view(p.shape) for g, p in
-                                        zip(grad_a.split(sizes), params)])
+                                        zip(grad_a.split(sizes), params)], reduced=True)
             grad_a = None
         return None, grad_w, grad_a, None, grad_zg, None, None
