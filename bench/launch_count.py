@@ -4,7 +4,8 @@ On a GPU a step whose tensors are small is bound by kernel launches (each costs 
 microseconds of CPU whatever its size) and stalls whenever the host reads a value back from
 the device. Neither needs a GPU to count: every PyTorch operator call goes through the
 dispatcher, so a TorchDispatchMode sees each one, on CPU as on a GPU, and a read-back is the
-operator _local_scalar_dense (``float(t)``, ``t.item()``). This runs the accelerators' code
+operator _local_scalar_dense (``float(t)``, ``t.item()``), and a tensor made from host data
+(lift_fresh: ``torch.tensor(values)``) is a copy to the device, which waits too. This runs the accelerators' code
 paths on CPU, with a torch generator for the gate noise and the GPU's chunk size, and counts
 one training step (after two) of each configuration:
 
@@ -72,7 +73,8 @@ def count(name: str, model: str) -> dict:
         step()
     return {"config": name, "ops": sum(c.ops.values()),
             "kernels": sum(v for k, v in c.ops.items() if k not in VIEWS),
-            "reads": c.ops["_local_scalar_dense"], "by_op": dict(c.ops.most_common())}
+            "reads": c.ops["_local_scalar_dense"], "uploads": c.ops["lift_fresh"],
+            "by_op": dict(c.ops.most_common())}
 
 
 def _worker(name: str, model: str, queue) -> None:
@@ -94,7 +96,7 @@ def main() -> None:
         rows.append(queue.get())
         proc.join()
         print(f"{name:14s} {rows[-1]['ops']:6d} ops, {rows[-1]['kernels']:6d} kernels, "
-              f"{rows[-1]['reads']:4d} read-backs", flush=True)
+              f"{rows[-1]['reads']:4d} read-backs, {rows[-1]['uploads']:4d} uploads", flush=True)
     command = " ".join(["python", "bench/launch_count.py"] + sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"command": command, "model": args.model,
@@ -103,10 +105,11 @@ def main() -> None:
     lines = ["# Operations per training step on the accelerators' path", "",
              f"Command: `{command}`", "", f"Model {args.model}, one step after two, counted "
              "on CPU with the GPU's noise generator and chunks (bench/launch_count.py).", "",
-             "| configuration | operator calls | x full | kernels | x full | read-backs |",
-             "|---|---|---|---|---|---|"]
+             "| configuration | operator calls | x full | kernels | x full | read-backs "
+             "| uploads |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['ops']} | {r['ops'] / full['ops']:.2f} | {r['kernels']} "
-              f"| {r['kernels'] / full['kernels']:.2f} | {r['reads']} |" for r in rows]
+              f"| {r['kernels'] / full['kernels']:.2f} | {r['reads']} | {r['uploads']} |"
+              for r in rows]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 

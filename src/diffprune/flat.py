@@ -33,6 +33,20 @@ from .gates import _U_EPS
 ON_CPU = os.environ.get("DIFFPRUNE_FLAT_ON_CPU", "0") == "1"
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, made once: a tensor built from host data each
+    step would be a copy to the device each step, which waits for the device's queue."""
+    key = (values, device)
+    if key not in _CONSTANTS:
+        if len(_CONSTANTS) > 64:  # a few models per process; never grow without bound
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = torch.tensor(values, device=device)
+    return _CONSTANTS[key]
+
+
 def usable(theta0s: list[torch.Tensor], generator) -> bool:
     """Whether the flat path applies: an accelerator (or ON_CPU), a torch generator or the
     global one, and one dtype and device for all of theta0."""
@@ -53,7 +67,7 @@ def gated_thetas(theta0s, ws, log_alphas, shift, zg, left: float, right: float,
         theta0 = torch.cat([t.reshape(-1) for t in theta0s])
     w = torch.cat([x.reshape(-1) for x in ws])
     a = torch.cat([x.reshape(-1) for x in log_alphas])  # with a gate_step, its grad is None
-    lengths = torch.tensor(sizes, device=theta0.device)
+    lengths = constant(tuple(sizes), theta0.device)
     flat = GatedFlat.apply(theta0, w, a, shift, zg, lengths,
                            (left, right, temperature if stochastic else 1.0, stochastic,
                             expected_grad, generator, gate_step, list(log_alphas), sizes))

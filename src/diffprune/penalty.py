@@ -99,9 +99,9 @@ def _density_and_slope(state) -> tuple[float, float]:
     if subsets[0].device.type != "cpu" or flat.ON_CPU:
         # one pass over the subsets together: a few kernel launches instead of six per
         # tensor (flat.py says why that matters on an accelerator)
-        lengths = torch.tensor([x.numel() for x in subsets], device=subsets[0].device)
+        lengths = flat.constant(tuple(x.numel() for x in subsets), subsets[0].device)
         p = torch.sigmoid(torch.cat(subsets) - shift)
-        scale = torch.tensor(scales, device=p.device)
+        scale = flat.constant(tuple(scales), p.device)
         s = torch.segment_reduce(p, "sum", lengths=lengths) * scale
         ds = torch.segment_reduce(p * (1 - p), "sum", lengths=lengths) * scale
     else:
