@@ -103,6 +103,19 @@ def _gate(a: torch.Tensor, shift, left, right, temperature, noise) -> torch.Tens
     return z.sigmoid_().mul_(right - left).add_(left).clamp_(0.0, 1.0)
 
 
+def _overlaps(sizes: list[int], span: slice) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The targets (by index) that share entries with ``span`` of the concatenation, and
+    how many entries each shares."""
+    ids, parts, start = [], [], 0
+    for i, n in enumerate(sizes):
+        lo, hi = max(start, span.start), min(start + n, span.stop)
+        if hi > lo:
+            ids.append(i)
+            parts.append(hi - lo)
+        start += n
+    return tuple(ids), tuple(parts)
+
+
 def _noise(n: int, generator, like: torch.Tensor) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
 
@@ -152,15 +165,17 @@ class GatedFlat(torch.autograd.Function):
         zg_e = torch.repeat_interleave(zg.detach(), lengths, output_size=n)
         grad_w = torch.empty_like(w) if need_w else None
         grad_a = torch.empty_like(a) if need_a else None
-        gwz = torch.empty_like(w) if need_zg else None
+        grad_zg = torch.zeros_like(zg) if need_zg else None
         c = temperature * math.log(-left / right)
         for s in _spans(n, chunk_for(a.device)):
             noise = _noise(s.stop - s.start, generator, a) if stochastic else None
             z = _gate(a[s], shift, left, right, temperature, noise)
             g = grad[s].to(w.dtype)
             gw = g * w[s]
-            if need_zg:
-                torch.mul(gw, z, out=gwz[s])
+            if need_zg:  # per-target sums of g * w * z over this chunk's part of each
+                ids, parts = _overlaps(sizes, s)
+                grad_zg.index_add_(0, constant(ids, a.device), torch.segment_reduce(
+                    gw * z, "sum", lengths=constant(parts, a.device)))
             if grad_w is not None:
                 torch.mul(g, z, out=grad_w[s]).mul_(zg_e[s])
             if grad_a is not None:
@@ -172,8 +187,6 @@ class GatedFlat(torch.autograd.Function):
                     torch.addcmul(u, u, u, value=-1.0, out=grad_a[s]).mul_(
                         (right - left) / temperature).mul_((z > 0) & (z < 1))
                 grad_a[s].mul_(gw).mul_(zg_e[s])
-        grad_zg = (torch.segment_reduce(gwz, "sum", lengths=lengths).reshape(zg.shape)
-                   if need_zg else None)
         if step:
             if gate_step.reduce is not None:  # data parallel: one average for all the gates
                 gate_step.reduce(grad_a)
