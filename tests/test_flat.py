@@ -158,3 +158,19 @@ def test_the_fixed_stage_scatters_the_same_thetas_on_both_paths(monkeypatch):
     expected = state.thetas()[0]
     monkeypatch.setattr(flat, "ON_CPU", True)
     assert torch.equal(state.thetas()[0], expected)
+
+
+def test_a_half_precision_base_is_summed_in_float32_and_rounded_once():
+    """A bf16 theta0 (a base loaded in bf16): theta = bf16(theta0 + z * zg * w), the sum in
+    w's float32; w's gradient stays float32."""
+    theta0s, w0, a0, ups = _inputs(2)
+    base = [t.to(torch.bfloat16) for t in theta0s]
+    ws = [w.clone().requires_grad_(True) for w in w0]
+    zg, shift = torch.ones(len(SHAPES)), torch.tensor(0.0)
+    thetas = flat.gated_thetas(base, ws, a0, shift, zg, -1.5, 1.5, 1.0, False, True)
+    for t, t0, w, a in zip(thetas, base, w0, a0):
+        ref = (t0.float() + gates.deterministic_gate(a) * w).to(torch.bfloat16)
+        assert t.dtype == torch.bfloat16
+        torch.testing.assert_close(t, ref, atol=0, rtol=2 ** -7)  # one bf16 rounding apart
+    sum((t.float() * u).sum() for t, u in zip(thetas, ups)).backward()
+    assert all(w.grad.dtype == torch.float32 and (w.grad != 0).any() for w in ws)
