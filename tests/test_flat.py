@@ -1,5 +1,6 @@
-"""The accelerators' flat gate (flat.py), run on CPU: the plain formulation's values and
-gradients, the gate logits' AdamW step in backward, and training with it end to end."""
+"""The accelerators' flat gate (flat.py), run on CPU (and on a GPU where there is one): the
+plain formulation's values and gradients, the gate logits' AdamW step in backward, and
+training with it end to end."""
 import json
 
 import pytest
@@ -13,34 +14,40 @@ from diffprune.optim import GateStep
 SHAPES = [(7, 5), (13,), (4, 3, 2), (30,)]  # 102 entries: chunks of 16 cross the targets
 
 
-def _inputs(seed: int = 0):
+def _inputs(seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     theta0s = [torch.randn(s, generator=g) for s in SHAPES]
     ws = [torch.randn(s, generator=g) * 0.1 for s in SHAPES]
     alphas = [torch.randn(s, generator=g) * 2 for s in SHAPES]
     ups = [torch.randn(s, generator=g) for s in SHAPES]
-    return theta0s, ws, alphas, ups
+    return tuple([t.to(device) for t in ts] for ts in (theta0s, ws, alphas, ups))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [None, 16])
 @pytest.mark.parametrize("expected_grad", [False, True])
-def test_flat_gate_matches_the_plain_formula(expected_grad, chunk, monkeypatch):
-    if chunk is not None:
-        monkeypatch.setattr(fused, "CHUNK", chunk)
-    theta0s, w0, a0, ups = _inputs()
-    zg0, shift, temp = torch.tensor([0.9, 0.5, 1.0, 0.7]), torch.tensor(0.3), 2 / 3
+def test_flat_gate_matches_the_plain_formula(expected_grad, chunk, device, monkeypatch):
+    if chunk is not None:  # the chunk of the device's kind
+        monkeypatch.setattr(fused, "CHUNK" if device == "cpu" else "GPU_CHUNK", chunk)
+    theta0s, w0, a0, ups = _inputs(device=device)
+    zg0 = torch.tensor([0.9, 0.5, 1.0, 0.7], device=device)
+    shift, temp = torch.tensor(0.3, device=device), 2 / 3
     ws, alphas = ([t.clone().requires_grad_(True) for t in ts] for ts in (w0, a0))
     zg = zg0.clone().requires_grad_(True)
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator(device).manual_seed(5)
     thetas = flat.gated_thetas(theta0s, ws, alphas, shift, zg, -1.5, 1.5, temp, True,
                                expected_grad, gen)
-    torch.rand(3, generator=gen)  # the generator moves on before backward
+    torch.rand(3, generator=gen, device=device)  # the generator moves on before backward
     sum((t * u).sum() for t, u in zip(thetas, ups)).backward()
 
-    ref_gen = torch.Generator().manual_seed(5)
+    ref_gen = torch.Generator(device).manual_seed(5)
     n = sum(t.numel() for t in theta0s)
-    u = torch.cat([torch.rand(s.stop - s.start, generator=ref_gen)
-                   for s in fused._spans(n, fused.chunk_for(torch.device("cpu")))])
+    u = torch.cat([torch.rand(s.stop - s.start, generator=ref_gen, device=device)
+                   for s in fused._spans(n, fused.chunk_for(torch.device(device)))])
     w2, a2 = ([t.clone().requires_grad_(True) for t in ts] for ts in (w0, a0))
     zg2 = zg0.clone().requires_grad_(True)
     refs, start = [], 0
