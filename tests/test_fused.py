@@ -70,26 +70,30 @@ def test_expected_gate_gradient_reaches_clamped_gates():
     assert torch.allclose(b.grad, w * p * (1 - p))  # g * w * sigma'(a - c), g = 1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("chunk", [None, 16, 100])
 @pytest.mark.parametrize("expected_grad", [False, True])
-def test_recomputed_noise_matches_stored_gate(expected_grad, chunk, monkeypatch):
+def test_recomputed_noise_matches_stored_gate(expected_grad, chunk, device, monkeypatch):
     """With a generator, backward draws the forward's noise again instead of keeping z,
     chunk by chunk (280 entries: one chunk, or 18 / 3 of them): the gradients equal those of
-    the plain formulation with the same noise."""
-    if chunk is not None:
-        monkeypatch.setattr(fused, "CHUNK", chunk)
+    the plain formulation with the same noise (a CUDA generator too, where there is a GPU)."""
+    if chunk is not None:  # the chunk of the device's kind
+        monkeypatch.setattr(fused, "CHUNK" if device == "cpu" else "GPU_CHUNK", chunk)
     torch.manual_seed(0)
-    theta0, w0, a0 = torch.randn(40, 7), torch.randn(40, 7) * 0.1, torch.randn(40, 7) * 2
-    zg0, upstream = torch.tensor(0.6), torch.randn(40, 7)
+    theta0, w0, a0 = (x.to(device) for x in (torch.randn(40, 7), torch.randn(40, 7) * 0.1,
+                                              torch.randn(40, 7) * 2))
+    zg0, upstream = torch.tensor(0.6, device=device), torch.randn(40, 7).to(device)
     w, a, zg = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
-    gen = torch.Generator().manual_seed(5)
-    shift = torch.tensor(0.25)
+    gen = torch.Generator(device).manual_seed(5)
+    shift = torch.tensor(0.25, device=device)
     theta = GatedDelta.apply(theta0, w, a, shift, zg, -1.5, 1.5, 1.0, True, expected_grad, gen)
-    torch.rand(3, generator=gen)  # the generator moves on before backward
+    torch.rand(3, generator=gen, device=device)  # the generator moves on before backward
     (theta * upstream).sum().backward()
-    ref_gen = torch.Generator().manual_seed(5)
-    u = torch.cat([torch.rand(sp.stop - sp.start, generator=ref_gen)
-                   for sp in fused._spans(280, fused.CHUNK)]).view(40, 7)
+    ref_gen = torch.Generator(device).manual_seed(5)
+    u = torch.cat([torch.rand(sp.stop - sp.start, generator=ref_gen, device=device)
+                   for sp in fused._spans(280, fused.chunk_for(torch.device(device)))]
+                  ).view(40, 7)
     w2, a2, zg2 = (t.clone().requires_grad_(True) for t in (w0, a0, zg0))
     z = gates.sample_gate(a2 + shift, u=u)
     ref = theta0 + z * zg2 * w2
