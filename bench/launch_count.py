@@ -2,12 +2,12 @@
 
 On a GPU a step whose tensors are small is bound by kernel launches (each costs a few
 microseconds of CPU whatever its size) and stalls whenever the host reads a value back from
-the device. Neither needs a GPU to count: every PyTorch operator call goes through the
-dispatcher, so a TorchDispatchMode sees each one, on CPU as on a GPU, and a read-back is the
-operator _local_scalar_dense (``float(t)``, ``t.item()``), and a tensor made from host data
-(lift_fresh: ``torch.tensor(values)``) is a copy to the device, which waits too. This runs the accelerators' code
-paths on CPU, with a torch generator for the gate noise and the GPU's chunk size, and counts
-one training step (after two) of each configuration:
+the device, or copies a tensor made from host data to it. None of this needs a GPU to
+count: every PyTorch operator call goes through the dispatcher, so a TorchDispatchMode sees
+each one, on CPU as on a GPU. A read-back is the operator _local_scalar_dense (``float(t)``,
+``t.item()``), an upload is lift_fresh (``torch.tensor(values)``). This runs the
+accelerators' code paths on CPU, with a torch generator for the gate noise and the GPU's
+chunk size, and counts one training step (after two) of each configuration:
 
 - full: full finetuning;
 - l0_per_target: the L0 phase, structured, one fused.GatedDelta per target (the GPU path

@@ -5,12 +5,15 @@ fused.GatedDelta takes about 30 of them per target and step, and the gate logits
 step one more per target; a BERT model has 100-400 targets, so diff pruning's step was
 bound by launches (and, while the step count was read back per target, by waiting for the
 device): on an H200, with 16 runs sharing it, full finetuning of MiniLM on CoLA finished in
-227 s and diff pruning had not finished after 315 s (bench/README.md). Here theta0, w and
-log_alpha of all targets are concatenated (three copies of N entries, cheap on a GPU),
-the gate runs over the flat vector in chunks of fused.chunk_for(device) entries, and the
-thetas are views of the flat result; backward computes the flat gradients in the same
-chunks, the group gates' gradients as per-target sums (one segment reduction), and steps
-every gate logit at once (optim.GateStep.step_all: one multi-tensor AdamW kernel).
+227 s and diff pruning had not finished after 320 s (bench/README.md, session 26). Here
+theta0, w and
+log_alpha of all targets are concatenated (three copies of N entries, cheap on a GPU), the
+gate runs over the flat vector in chunks of fused.chunk_for(device) entries, and the thetas
+are views of the flat result; backward computes the flat gradients in the same chunks, the
+group gates' gradients as per-target sums (a segment reduction per chunk), and steps every
+gate logit at once (optim.GateStep.step_all: one multi-tensor AdamW kernel). The flat
+theta lives until the end of backward (per target, each theta could go once its
+consumer's backward had run): one more copy of N entries at the peak.
 
 Same maths as fused.GatedDelta (tested against the plain formulation). The noise comes from
 the generator's stream drawn chunk by chunk over the flat vector, so it differs from the
@@ -123,8 +126,8 @@ def _noise(n: int, generator, like: torch.Tensor) -> torch.Tensor:
 class GatedFlat(torch.autograd.Function):
     """The flat gate: inputs theta0, w, log_alpha (N,), shift (0-dim), zg (targets,),
     lengths (targets,); consts = (left, right, temperature, stochastic, expected_grad,
-    generator, gate_step, the log_alpha Parameters, their sizes). Backward draws the forward's noise
-    again from the generator's saved state."""
+    generator, gate_step, the log_alpha Parameters, their sizes). Backward draws the
+    forward's noise again from the generator's saved state."""
 
     @staticmethod
     def forward(ctx, theta0, w, a, shift, zg, lengths, consts):
@@ -183,8 +186,8 @@ class GatedFlat(torch.autograd.Function):
                     p = (a[s] + shift).sub_(c).sigmoid_()
                     torch.addcmul(p, p, p, value=-1.0, out=grad_a[s])
                 else:  # dz/da inside the unclamped band, 0 where z is clamped
-                    u = (z - left).div_(right - left)
-                    torch.addcmul(u, u, u, value=-1.0, out=grad_a[s]).mul_(
+                    sig = (z - left).div_(right - left)  # the sigmoid, where unclamped
+                    torch.addcmul(sig, sig, sig, value=-1.0, out=grad_a[s]).mul_(
                         (right - left) / temperature).mul_((z > 0) & (z < 1))
                 grad_a[s].mul_(gw).mul_(zg_e[s])
         if step:

@@ -81,7 +81,8 @@ class Resumable:
     def _restore(self) -> None:
         tensors, meta = ckpt.load_checkpoint(self.out / "checkpoint")
         if meta.get("world_size", 1) != self.dist.world:
-            raise ConfigError(f"cannot resume {self.out}: it was trained by {meta.get('world_size', 1)} "
+            raise ConfigError(f"cannot resume {self.out}: it was trained by "
+                              f"{meta.get('world_size', 1)} "
                               f"processes, this launch has {self.dist.world} (dropout RNG and "
                               "batch split are per rank)")
         if meta["config"] != self.cfg.fingerprint():
