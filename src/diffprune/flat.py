@@ -13,7 +13,8 @@ are views of the flat result; backward computes the flat gradients in the same c
 group gates' gradients as per-target sums (a segment reduction per chunk), and steps every
 gate logit at once (optim.GateStep.step_all: one multi-tensor AdamW kernel). The flat
 theta lives until the end of backward (per target, each theta could go once its
-consumer's backward had run): one more copy of N entries at the peak.
+consumer's backward had run): one more copy of N entries at the peak. The concatenated w
+and log_alpha are not kept between forward and backward: backward concatenates them again.
 
 Same maths as fused.GatedDelta (tested against the plain formulation). The noise comes from
 the generator's stream drawn chunk by chunk over the flat vector, so it differs from the
@@ -73,7 +74,8 @@ def gated_thetas(theta0s, ws, log_alphas, shift, zg, left: float, right: float,
     lengths = constant(tuple(sizes), theta0.device)
     flat = GatedFlat.apply(theta0, w, a, shift, zg, lengths,
                            (left, right, temperature if stochastic else 1.0, stochastic,
-                            expected_grad, generator, gate_step, list(log_alphas), sizes))
+                            expected_grad, generator, gate_step, list(ws), list(log_alphas),
+                            sizes))
     return [x.view(t.shape) for x, t in zip(flat.split(sizes), theta0s)]
 
 
@@ -126,12 +128,14 @@ def _noise(n: int, generator, like: torch.Tensor) -> torch.Tensor:
 class GatedFlat(torch.autograd.Function):
     """The flat gate: inputs theta0, w, log_alpha (N,), shift (0-dim), zg (targets,),
     lengths (targets,); consts = (left, right, temperature, stochastic, expected_grad,
-    generator, gate_step, the log_alpha Parameters, their sizes). Backward draws the
-    forward's noise again from the generator's saved state."""
+    generator, gate_step, the w and log_alpha tensors per target, their sizes). Backward
+    draws the forward's noise again from the generator's saved state, and concatenates w
+    and log_alpha again from the targets' tensors (unchanged until the optimizer steps)
+    rather than keeping the forward's copies alive through the whole step."""
 
     @staticmethod
     def forward(ctx, theta0, w, a, shift, zg, lengths, consts):
-        left, right, temperature, stochastic, expected_grad, generator, gate_step, params, \
+        left, right, temperature, stochastic, expected_grad, generator, gate_step, ws, params, \
             sizes = consts
         if stochastic and generator is None:
             generator = (torch.default_generator if a.device.type == "cpu" else
@@ -149,15 +153,17 @@ class GatedFlat(torch.autograd.Function):
                 else:  # half-precision base: the sum in w's dtype, then rounded once
                     theta[s] = torch.addcmul(theta0[s].to(w.dtype), z, w[s])
         ctx.consts = (left, right, temperature, stochastic, expected_grad, state,
-                      gate_step, params, sizes)
-        ctx.save_for_backward(w, a, shift, zg, lengths)
+                      gate_step, ws, params, sizes)
+        ctx.save_for_backward(shift, zg, lengths)
         return theta
 
     @staticmethod
     def backward(ctx, grad):
-        w, a, shift, zg, lengths = ctx.saved_tensors
-        left, right, temperature, stochastic, expected_grad, state, gate_step, params, sizes \
-            = ctx.consts
+        shift, zg, lengths = ctx.saved_tensors
+        left, right, temperature, stochastic, expected_grad, state, gate_step, ws, params, \
+            sizes = ctx.consts
+        w = torch.cat([x.detach().reshape(-1) for x in ws])
+        a = torch.cat([x.detach().reshape(-1) for x in params])
         need_w, need_a, need_zg = (ctx.needs_input_grad[i] for i in (1, 2, 4))
         step = gate_step is not None and need_a  # the logits step here, get no gradient
         generator = None

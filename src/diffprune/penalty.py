@@ -104,10 +104,13 @@ def _density_and_slope(state) -> tuple[float, float]:
         scale = flat.constant(tuple(scales), p.device)
         s = torch.segment_reduce(p, "sum", lengths=lengths) * scale
         ds = torch.segment_reduce(p * (1 - p), "sum", lengths=lengths) * scale
-    else:
-        ps = [torch.sigmoid(x - shift) for x in subsets]
-        s = torch.stack([p.sum() * k for p, k in zip(ps, scales)])
-        ds = torch.stack([(p * (1 - p)).sum() * k for p, k in zip(ps, scales)])
+    else:  # tensor by tensor: one subset's probabilities at a time
+        s, ds = [], []
+        for x, k in zip(subsets, scales):
+            p = torch.sigmoid(x - shift)
+            s.append(p.sum() * k)
+            ds.append((p * (1 - p)).sum() * k)
+        s, ds = torch.stack(s), torch.stack(ds)
     if not c.structured:
         return float(s.sum()) / state.numel(), float(ds.sum()) / state.numel()
     pg = torch.sigmoid(state.group_log_alpha.detach() - c0)
