@@ -59,9 +59,11 @@ OUT = Path(__file__).parent / "results" / "train_cost"
 CONFIGS = ("full", "full_again", "l0_structured", "l0_unstructured",
            "l0_structured_separated", "l0_structured_apart", "l0_structured_whole",
            "l0_structured_stream", "fixmask")
-# only when asked for with --configs; l0_structured_small_chunks: on a GPU, the fused gate's
-# passes in the CPU's cache-sized chunks (fused.CHUNK) instead of fused.GPU_CHUNK
-EXTRA_CONFIGS = ("l0_structured_1thread", "full_traffic", "l0_structured_small_chunks")
+# only when asked for with --configs. On a GPU: l0_structured_small_chunks, the gate's
+# passes in the CPU's cache-sized chunks (fused.CHUNK) instead of fused.GPU_CHUNK;
+# l0_structured_per_target, one fused.GatedDelta per target instead of flat.py's one pass
+EXTRA_CONFIGS = ("l0_structured_1thread", "full_traffic", "l0_structured_small_chunks",
+                 "l0_structured_per_target")
 WARMUP = 3  # untimed steps of each configuration
 # --model random:NAME: BERT-style configurations (transformers' BertConfig fields) of a
 # randomly initialised model; bert-large is the paper's base model (335M parameters)
@@ -192,6 +194,9 @@ def _setup(config: str, opts: dict):
     if config.endswith("_small_chunks"):
         from diffprune import fused
         fused.GPU_CHUNK = fused.CHUNK
+    if config.endswith("_per_target"):
+        from diffprune import flat
+        flat.usable = lambda *_: False
     if config.endswith("_1thread"):  # counter.py's kernels on one core
         import torch._inductor.config as inductor_config
         inductor_config.cpp.threads = 1
@@ -253,7 +258,8 @@ def _worker(config: str, opts: dict, conn) -> None:
     step = _setup(config, opts)
     device, steps = opts["device"], opts["steps"]
     gpu = device.startswith("cuda")
-    loaded = _peak_mb(device) if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = (_peak_mb(device) if gpu else
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     whole = loaded
     reset = _reset_peak(device)
     traffic: list[float] = []  # full_traffic's hooks' seconds in each step
