@@ -138,7 +138,9 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
 def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args) -> list[dict]:
     """run_one for each (variant, task, seed) of ``todo``, ``args.jobs`` at a time (each
     run is a process of its own: several share a GPU that one small model leaves idle);
-    the records in todo's order."""
+    the records in todo's order. In parallel the runs start seed by seed and task by task,
+    every method of a task-seed together, so that a batch cut short leaves whole pairs
+    (session 26's GPU run, method-major, finished every finetuning run and no other)."""
     def one(item: tuple[str, str, int]) -> dict:
         variant, task, seed = item
         record = run_one(out, variant, task, seed, profile, args)
@@ -146,8 +148,18 @@ def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args)
         return record
     if args.jobs <= 1:
         return [one(item) for item in todo]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        return list(pool.map(one, todo))
+    with ThreadPoolExecutor(args.jobs) as pool:  # runs start in submission order
+        futures = {i: pool.submit(one, todo[i]) for i in start_order(todo)}
+        return [futures[i].result() for i in range(len(todo))]
+
+
+def start_order(todo: list[tuple[str, str, int]]) -> list[int]:
+    """Places in ``todo`` (variant, task, seed; method-major) by seed, then task in todo's
+    order, then method: every method of a task-seed next to the others."""
+    first = {}  # each task's first place in todo
+    for i, (_, task, _) in enumerate(todo):
+        first.setdefault(task, i)
+    return sorted(range(len(todo)), key=lambda i: (todo[i][2], first[todo[i][1]]))
 
 
 def _runs_on_disk(out: Path) -> set[tuple[str, int]]:

@@ -1,0 +1,21 @@
+"""bench/compare.py --jobs: runs in parallel start task-seed by task-seed."""
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+compare = importlib.util.module_from_spec(spec)
+sys.modules["bench_compare"] = compare  # its dataclasses look their module up there
+spec.loader.exec_module(compare)
+
+
+def test_parallel_runs_start_with_every_method_of_a_task_seed_together():
+    todo = [(m, t, s) for m in ("full", "diff-s-0.005") for t in ("rte", "mrpc")
+            for s in (1, 2)]  # method-major, as compare.py builds it
+    started = [todo[i] for i in compare.start_order(todo)]
+    assert started == [("full", "rte", 1), ("diff-s-0.005", "rte", 1),
+                       ("full", "mrpc", 1), ("diff-s-0.005", "mrpc", 1),
+                       ("full", "rte", 2), ("diff-s-0.005", "rte", 2),
+                       ("full", "mrpc", 2), ("diff-s-0.005", "mrpc", 2)]
