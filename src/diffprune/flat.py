@@ -60,6 +60,16 @@ def usable(theta0s: list[torch.Tensor], generator) -> bool:
             and all(t.device == device and t.dtype == theta0s[0].dtype for t in theta0s))
 
 
+def _cat(tensors) -> torch.Tensor:
+    """The tensors' entries, one after another, in one flat tensor (a copy)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat`` cut back into views shaped like ``like`` (the inverse of _cat)."""
+    return [x.view(t.shape) for x, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
 def gated_thetas(theta0s, ws, log_alphas, shift, zg, left: float, right: float,
                  temperature: float, stochastic: bool, expected_grad: bool, generator=None,
                  gate_step=None) -> list[torch.Tensor]:
@@ -68,15 +78,15 @@ def gated_thetas(theta0s, ws, log_alphas, shift, zg, left: float, right: float,
     none; otherwise they get theirs through the concatenation."""
     sizes = [t.numel() for t in theta0s]
     with torch.no_grad():
-        theta0 = torch.cat([t.reshape(-1) for t in theta0s])
-    w = torch.cat([x.reshape(-1) for x in ws])
-    a = torch.cat([x.reshape(-1) for x in log_alphas])  # with a gate_step, its grad is None
+        theta0 = _cat(theta0s)
+    w = _cat(ws)
+    a = _cat(log_alphas)  # with a gate_step, its grad is None
     lengths = constant(tuple(sizes), theta0.device)
     flat = GatedFlat.apply(theta0, w, a, shift, zg, lengths,
                            (left, right, temperature if stochastic else 1.0, stochastic,
                             expected_grad, generator, gate_step, list(ws), list(log_alphas),
                             sizes))
-    return [x.view(t.shape) for x, t in zip(flat.split(sizes), theta0s)]
+    return _views(flat, theta0s)
 
 
 def offset_indices(indices: list[torch.Tensor], theta0s: list[torch.Tensor]) -> torch.Tensor:
@@ -92,10 +102,9 @@ def fixed_thetas(theta0s, values, flat_indices: torch.Tensor) -> list[torch.Tens
     """The fixed stage's theta_i = theta0_i with its values scattered in, for every target
     in one scatter (the same sums as DiffState.thetas's per-target ones, bit for bit)."""
     with torch.no_grad():
-        theta0 = torch.cat([t.reshape(-1) for t in theta0s])
-    v = torch.cat([x.reshape(-1) for x in values])
-    out = theta0.to(v.dtype).index_add(0, flat_indices, v).to(theta0.dtype)
-    return [x.view(t.shape) for x, t in zip(out.split([t.numel() for t in theta0s]), theta0s)]
+        theta0 = _cat(theta0s)
+    v = _cat(values)
+    return _views(theta0.to(v.dtype).index_add(0, flat_indices, v).to(theta0.dtype), theta0s)
 
 
 def _gate(a: torch.Tensor, shift, left, right, temperature, noise) -> torch.Tensor:
@@ -162,8 +171,8 @@ class GatedFlat(torch.autograd.Function):
         shift, zg, lengths = ctx.saved_tensors
         left, right, temperature, stochastic, expected_grad, state, gate_step, ws, params, \
             sizes = ctx.consts
-        w = torch.cat([x.detach().reshape(-1) for x in ws])
-        a = torch.cat([x.detach().reshape(-1) for x in params])
+        with torch.no_grad():
+            w, a = _cat(ws), _cat(params)
         need_w, need_a, need_zg = (ctx.needs_input_grad[i] for i in (1, 2, 4))
         step = gate_step is not None and need_a  # the logits step here, get no gradient
         generator = None
@@ -199,7 +208,6 @@ class GatedFlat(torch.autograd.Function):
         if step:
             if gate_step.reduce is not None:  # data parallel: one average for all the gates
                 gate_step.reduce(grad_a)
-            gate_step.step_all(params, [g.view(p.shape) for g, p in
-                                        zip(grad_a.split(sizes), params)], reduced=True)
+            gate_step.step_all(params, _views(grad_a, params))
             grad_a = None
         return None, grad_w, grad_a, None, grad_zg, None, None

@@ -163,7 +163,8 @@ def _add_noise_where_uncertain(x: torch.Tensor, generator: CpuNoise, lo: float,
 CHUNK = 1 << 18
 # On a GPU each pass is a kernel launch of a few microseconds whatever its size, and cache
 # does not pay for them: chunks of 16M entries (64 MB temporaries in float32) put most of a
-# base-size model's tensors in one chunk each.
+# base-size model's tensors in one chunk each (and flat.py's concatenation of all of them
+# in a few).
 GPU_CHUNK = 1 << 24
 
 

@@ -99,21 +99,17 @@ class GateStep:
         return groups[0]
 
     @torch.no_grad()
-    def step_all(self, params: list[torch.Tensor], grads: list[torch.Tensor],
-                 reduced: bool = False) -> None:
+    def step_all(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """One AdamW step of each of ``params`` with its whole gradient, all at once: one
         multi-tensor kernel where torch has it (flat.GatedFlat's backward on a GPU), with
-        no value read back from the device. ``reduced``: the caller has already averaged
-        the gradients across processes."""
+        no value read back from the device. Under data parallelism the caller averages the
+        gradients first (``reduce``: flat.py does it once for all of them)."""
         states = [self.optimizer.state[p] for p in params]
         for p, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if self.reduce is not None and not reduced:
-            for g in grads:
-                self.reduce(g.view(-1))
         g = self._group()
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
