@@ -65,13 +65,17 @@ CONFIGS = ("full", "full_again", "l0_structured", "l0_unstructured",
 EXTRA_CONFIGS = ("l0_structured_1thread", "full_traffic", "l0_structured_small_chunks",
                  "l0_structured_per_target")
 WARMUP = 3  # untimed steps of each configuration
+STARTED = time.perf_counter()
 # --model random:NAME: BERT-style configurations (transformers' BertConfig fields) of a
 # randomly initialised model; bert-large is the paper's base model (335M parameters)
 RANDOM = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                          intermediate_size=1536),
           "bert-base": {},
           "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                             intermediate_size=4096)}
+                             intermediate_size=4096),
+          # for trying the benchmark's code path in seconds (bench/gpu_session.sh --dry-run)
+          "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)}
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
 # (STS-B, 1,000 examples, 0.5%: 2.5%); the *_separated configuration sets the gates so.
 UNSURE_SHARE = 0.025
@@ -281,6 +285,12 @@ def _worker(config: str, opts: dict, conn) -> None:
                "peak_train_rss_mb": _peak_mb(device) if reset else None})
 
 
+def progress(message: str) -> None:
+    """A line on stderr, with the seconds since this process started, as each stage ends:
+    where a run that its caller's time limit cuts short spent its time."""
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
     """Every configuration in its own child process, stepped in turn (one process computes
     at a time), so that the machine's drift over minutes falls on all of them alike. The
@@ -293,9 +303,11 @@ def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
         parent, child = ctx.Pipe()
         opts = {"model": args.model, "batch": batch, "length": args.length,
                 "steps": args.steps, "device": args.device, "bf16": args.bf16}
+        start = time.perf_counter()
         proc = ctx.Process(target=_worker, args=(c, opts, child))
         proc.start()
         assert parent.recv() == "ready"  # set up one at a time: loading is not timed
+        progress(f"batch {batch}: {c} set up in {time.perf_counter() - start:.1f} s")
         workers[c] = (proc, parent)
     times = {c: [] for c in args.configs}
     for i in range(WARMUP + args.steps):
@@ -304,6 +316,8 @@ def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
             t = conn.recv()
             if i >= WARMUP:
                 times[c].append(t)
+            else:  # the first steps may compile or allocate: where a slow run spends its time
+                progress(f"batch {batch}: {c} warm-up step {i + 1} took {t:.2f} s")
         if i == WARMUP - 1:
             for _, conn in workers.values():
                 conn.send("reset")
@@ -345,40 +359,61 @@ def main() -> None:
     args.configs = ["full"] + [c for c in args.configs if c != "full"]
     if args.report_only:
         saved = json.loads((args.out / "results.json").read_text())
-        command, measured = saved["command"], saved.get("measured") or _from_rows(saved["rows"])
-        where = saved.get("machine", "not recorded")
+        measured = saved.get("measured") or _from_rows(saved["rows"])
         args.device, args.bf16 = saved.get("device", "cpu"), saved.get("bf16", False)
         args.model = saved.get("model", args.model)
-    else:
-        command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
-        where = machine(device=args.device)
-        measured = []
-        for batch in args.batch_sizes:
-            rounds = []
-            for k in range(args.rounds):
-                rounds.append(measure_all(args, batch, k))
-                if args.rounds > 1:
-                    base = _base(rounds[-1])["step_s"]
-                    print(f"batch {batch:3d} round {k + 1}: " + ", ".join(
-                        f"{c} {rounds[-1][c]['step_s'] / base:.2f}x" for c in args.configs),
-                        flush=True)
-            measured.append({"batch": batch, "rounds": rounds})
-    memory = "GPU memory" if args.device.startswith("cuda") else "peak RSS"
+        report(args, saved["command"], saved.get("machine", "not recorded"), measured)
+        _print_rows(_rows(measured, args.length), args.device)
+        return
+    command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
+    where = machine(device=args.device)
+    measured = []
+    for batch in args.batch_sizes:
+        rounds = []
+        for k in range(args.rounds):
+            rounds.append(measure_all(args, batch, k))
+            if args.rounds > 1:
+                base = _base(rounds[-1])["step_s"]
+                print(f"batch {batch:3d} round {k + 1}: " + ", ".join(
+                    f"{c} {rounds[-1][c]['step_s'] / base:.2f}x" for c in args.configs),
+                    flush=True)
+        measured.append({"batch": batch, "rounds": rounds})
+        # each batch size is printed and saved as it finishes, so that a run cut short by a
+        # time limit keeps the batch sizes it finished
+        _print_rows(_rows(measured[-1:], args.length), args.device)
+        report(args, command, where, measured)
+
+
+def _memory(device: str) -> str:
+    return "GPU memory" if device.startswith("cuda") else "peak RSS"
+
+
+def _rows(measured: list[dict], length: int) -> list[dict]:
     rows = []
     for m in measured:
         bases = [_base(r) for r in m["rounds"]]
-        for c in m["rounds"][0]:
-            rows.append(summarise(c, [r[c] for r in m["rounds"]], bases, m["batch"],
-                                  args.length))
-            r = rows[-1]
-            print(f"batch {m['batch']:3d} {c:24s} {1e3 * r['step_s']:8.1f} ms/step "
-                  f"({r['time_ratio']:.2f}x)  {memory} {r['peak_rss_mb']:7.0f} MB "
-                  f"({r['memory_ratio']:.2f}x), in training {_fmt(r['peak_train_rss_mb'])} MB "
-                  f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)
+        rows += [summarise(c, [r[c] for r in m["rounds"]], bases, m["batch"], length)
+                 for c in m["rounds"][0]]
+    return rows
+
+
+def _print_rows(rows: list[dict], device: str) -> None:
+    for r in rows:
+        print(f"batch {r['batch']:3d} {r['config']:24s} {1e3 * r['step_s']:8.1f} ms/step "
+              f"({r['time_ratio']:.2f}x)  {_memory(device)} {r['peak_rss_mb']:7.0f} MB "
+              f"({r['memory_ratio']:.2f}x), in training {_fmt(r['peak_train_rss_mb'])} MB "
+              f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)
+
+
+def report(args, command: str, where: str, measured: list[dict]) -> None:
+    """results.json and results.md in args.out from ``measured`` (the batch sizes so far)."""
+    from diffprune.fileio import atomic_write_bytes
+    memory = _memory(args.device)
+    rows = _rows(measured, args.length)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(
+    atomic_write_bytes(args.out / "results.json", json.dumps(
         {"command": command, "machine": where, "model": args.model, "device": args.device,
-         "bf16": args.bf16, "rows": rows, "measured": measured}, indent=1))
+         "bf16": args.bf16, "rows": rows, "measured": measured}, indent=1).encode())
     n_rounds = len(measured[0]["rounds"])
     many, two = n_rounds > 1, sum(map(is_full, measured[0]["rounds"][0])) > 1
     lines = ["# Training cost against full finetuning (issue 5)", "", f"Command: `{command}`",
@@ -409,7 +444,7 @@ def main() -> None:
               f"per step; its step less that time: {r['less_traffic_ratio']:.2f}x full ("
               + " / ".join(f"{x:.2f}" for x in r["less_traffic_ratio_rounds"]) + ")."
               for r in rows if "traffic_s" in r]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(args.out / "results.md", ("\n".join(lines) + "\n").encode())
 
 
 def _from_rows(rows: list[dict]) -> list[dict]:

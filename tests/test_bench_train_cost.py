@@ -67,3 +67,40 @@ def test_full_traffic_is_not_a_full_process_and_its_hooks_time_is_taken_off():
     row = train_cost.summarise("full_traffic", [rounds[0]["full_traffic"]], bases, 32, 128)
     assert round(row["traffic_s"], 6) == 0.15
     assert round(row["less_traffic_ratio"], 6) == 1.2  # median of 1.1 and 1.3
+
+
+def test_each_batch_size_is_saved_as_it_finishes(tmp_path, monkeypatch, capsys):
+    def measure_all(args, batch, turn=0):
+        if batch == 32:  # as a caller's time limit would stop it
+            raise KeyboardInterrupt
+        return ROUNDS[0]
+    monkeypatch.setattr(train_cost, "measure_all", measure_all)
+    monkeypatch.setattr(train_cost, "machine", lambda device: "a test machine")
+    monkeypatch.setattr(sys, "argv", ["train_cost.py", "--batch-sizes", "8", "32", "--out",
+                                      str(tmp_path)])
+    try:
+        train_cost.main()
+    except KeyboardInterrupt:
+        pass
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [m["batch"] for m in saved["measured"]] == [8]
+    assert [(r["batch"], r["config"]) for r in saved["rows"]] == [
+        (8, "full"), (8, "full_again"), (8, "l0")]
+    assert "| 8 | l0 | 1210.0 | 1.10 |" in (tmp_path / "results.md").read_text()
+    assert "batch   8 l0" in capsys.readouterr().out
+
+
+def test_a_tiny_random_model_runs_every_stage_and_reports_its_progress(tmp_path):
+    import subprocess
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_cost.py"), "--model", "random:tiny",
+         "--batch-sizes", "2", "--length", "8", "--steps", "1",
+         "--configs", "full", "l0_structured", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                          "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "batch 2: l0_structured set up in" in out.stderr
+    assert "batch 2: l0_structured warm-up step 3 took" in out.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["full", "l0_structured"]
+    assert all(r["step_s"] > 0 for r in rows)
