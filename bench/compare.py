@@ -148,9 +148,15 @@ def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args)
         return record
     if args.jobs <= 1:
         return [one(item) for item in todo]
-    with ThreadPoolExecutor(args.jobs) as pool:  # runs start in submission order
+    pool = ThreadPoolExecutor(args.jobs)  # runs start in submission order
+    try:
         futures = {i: pool.submit(one, todo[i]) for i in start_order(todo)}
         return [futures[i].result() for i in range(len(todo))]
+    except BaseException:  # interrupted (a time limit's SIGINT) or a run failed: start no
+        pool.shutdown(cancel_futures=True)  # other run; those running stop at a checkpoint
+        raise
+    finally:
+        pool.shutdown()
 
 
 def start_order(todo: list[tuple[str, str, int]]) -> list[int]:
