@@ -73,7 +73,7 @@ RANDOM = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_hea
           "bert-base": {},
           "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                              intermediate_size=4096),
-          # for trying the benchmark's code path in seconds (bench/gpu_session.sh --dry-run)
+          # for trying the benchmark's code path in seconds (DRY=1 bash bench/gpu_session.sh cost)
           "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64)}
 # Share of gates whose sample the noise can still change at the end of a real L0 phase
@@ -298,6 +298,23 @@ def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
     rounds no configuration is always the first process."""
     ctx = mp.get_context("spawn")
     workers = {}
+
+    def ask(c: str, message: str | None):
+        """Send ``message`` (None: nothing) to configuration c's process and return its
+        answer; if the process has died (out of memory, say), stop them all and say which."""
+        proc, conn = workers[c]
+        try:
+            if message is not None:
+                conn.send(message)
+            return conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            proc.join(5)
+            for other, _ in workers.values():
+                other.kill()
+            raise SystemExit(f"batch {batch}: the process of {c} ended (exit code "
+                             f"{proc.exitcode}; -9 is a kill, such as the kernel's when "
+                             "memory runs out) while it was to answer "
+                             f"{message or 'ready'!r}") from None
     k = turn % len(args.configs)
     for c in args.configs[k:] + args.configs[:k]:
         parent, child = ctx.Pipe()
@@ -306,26 +323,25 @@ def measure_all(args, batch: int, turn: int = 0) -> dict[str, dict]:
         start = time.perf_counter()
         proc = ctx.Process(target=_worker, args=(c, opts, child))
         proc.start()
-        assert parent.recv() == "ready"  # set up one at a time: loading is not timed
-        progress(f"batch {batch}: {c} set up in {time.perf_counter() - start:.1f} s")
+        child.close()  # the child's end is the child's: its death then ends the pipe here
         workers[c] = (proc, parent)
+        assert ask(c, None) == "ready"  # set up one at a time: loading is not timed
+        progress(f"batch {batch}: {c} set up in {time.perf_counter() - start:.1f} s")
     times = {c: [] for c in args.configs}
     for i in range(WARMUP + args.steps):
-        for c, (_, conn) in workers.items():
-            conn.send("step")
-            t = conn.recv()
+        for c in workers:
+            t = ask(c, "step")
             if i >= WARMUP:
                 times[c].append(t)
             else:  # the first steps may compile or allocate: where a slow run spends its time
                 progress(f"batch {batch}: {c} warm-up step {i + 1} took {t:.2f} s")
         if i == WARMUP - 1:
-            for _, conn in workers.values():
-                conn.send("reset")
-                conn.recv()
+            for c in workers:
+                ask(c, "reset")
     results = {}
-    for c, (proc, conn) in workers.items():
-        conn.send("done")
-        results[c] = dict(conn.recv(), step_s=statistics.median(times[c]), step_s_all=times[c])
+    for c, (proc, _) in workers.items():
+        results[c] = dict(ask(c, "done"), step_s=statistics.median(times[c]),
+                          step_s_all=times[c])
         proc.join()
     return results
 

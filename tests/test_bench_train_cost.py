@@ -104,3 +104,15 @@ def test_a_tiny_random_model_runs_every_stage_and_reports_its_progress(tmp_path)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["full", "l0_structured"]
     assert all(r["step_s"] > 0 for r in rows)
+
+
+def test_a_configuration_whose_process_dies_is_named(tmp_path):
+    import subprocess
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_cost.py"), "--model", "random:nonesuch",
+         "--batch-sizes", "2", "--steps", "1", "--configs", "full", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "unknown random model 'nonesuch'" in out.stderr  # the child's own error
+    assert "batch 2: the process of full ended (exit code 1" in out.stderr
+    assert "Traceback" not in out.stderr.split("unknown random model")[1]
