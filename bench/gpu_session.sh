@@ -62,7 +62,8 @@ cost)  # each model its own command, and batch 8 before 32: the first numbers co
     say "train_cost $m"
     timeout -k 30 -s INT "$(( $(left) / n ))" python3 bench/train_cost.py --device $DEVICE $BF16 \
       --model "$m" --batch-sizes 8 32 --length 128 --steps $STEPS --out "$OUT/train_cost_${m#random:}" \
-      --configs full full_again l0_structured l0_structured_per_target fixmask 2>&1 | grep -v Warning
+      --configs full full_again l0_structured l0_structured_per_target fixmask 2>&1 \
+      | grep -v Warning | tee "$OUT/train_cost_${m#random:}.log"
     n=$((n - 1))
   done
   say done
