@@ -181,3 +181,13 @@ def test_a_half_precision_base_is_summed_in_float32_and_rounded_once():
         torch.testing.assert_close(t, ref, atol=0, rtol=2 ** -7)  # one bf16 rounding apart
     sum((t.float() * u).sum() for t, u in zip(thetas, ups)).backward()
     assert all(w.grad.dtype == torch.float32 and (w.grad != 0).any() for w in ws)
+
+
+def test_the_flat_path_applies_where_its_noise_has_a_generator(monkeypatch):
+    cpu = [torch.zeros(3), torch.zeros(2)]
+    assert not flat.usable(cpu, None)  # the CPU keeps its compiled kernels ...
+    monkeypatch.setattr(flat, "ON_CPU", True)
+    assert flat.usable(cpu, None) and flat.usable(cpu, torch.Generator())  # ... unless asked
+    assert not flat.usable([torch.zeros(3), torch.zeros(2, dtype=torch.float16)], None)
+    # a device without a known global generator (here "meta") keeps the per-target path
+    assert not flat.usable([torch.zeros(3, device="meta")], None)

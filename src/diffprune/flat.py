@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .fused import _spans, chunk_for
+from .fused import _default_generator, _spans, chunk_for
 from .gates import _U_EPS
 
 # True (or DIFFPRUNE_FLAT_ON_CPU=1): this path on CPU too, with a torch generator for the noise
@@ -53,10 +53,12 @@ def constant(values: tuple, device: torch.device) -> torch.Tensor:
 
 def usable(theta0s: list[torch.Tensor], generator) -> bool:
     """Whether the flat path applies: an accelerator (or ON_CPU), a torch generator or the
-    global one, and one dtype and device for all of theta0."""
+    global one where it is known (fused._default_generator), and one dtype and device for
+    all of theta0."""
     device = theta0s[0].device
     return ((device.type != "cpu" or ON_CPU)
-            and (generator is None or isinstance(generator, torch.Generator))
+            and (isinstance(generator, torch.Generator)
+                 or generator is None and _default_generator(device) is not None)
             and all(t.device == device and t.dtype == theta0s[0].dtype for t in theta0s))
 
 
@@ -147,8 +149,7 @@ class GatedFlat(torch.autograd.Function):
         left, right, temperature, stochastic, expected_grad, generator, gate_step, ws, params, \
             sizes = consts
         if stochastic and generator is None:
-            generator = (torch.default_generator if a.device.type == "cpu" else
-                         torch.cuda.default_generators[a.device.index or 0])
+            generator = _default_generator(a.device)
         state = generator.get_state() if stochastic else None
         n = a.numel()
         zg_e = torch.repeat_interleave(zg.detach(), lengths, output_size=n)
