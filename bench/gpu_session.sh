@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks prepared for a session lent a GPU (bench/README.md, session 27), one stage per
-# device call so that each fits the call's limit and a slow stage cannot eat the next one's.
+# The checks prepared for a session lent a GPU (bench/README.md, session 27), in stages with
+# a time budget each, so that a slow stage cannot eat the next one's.
 #
 #   bash bench/gpu_session.sh prepare                # here: .devcarry/ (MiniLM in float16, GLUE)
 #   bash bench/gpu_session.sh tests   [SECONDS]      # there: pytest of the GPU paths
@@ -14,8 +14,10 @@
 # left of it, and a command cut short still leaves what it had written (train_cost.py saves
 # each batch size as it finishes; compare.py each finished run). A command cut short gets up
 # to 60 s more to stop, so give the device call a timeout_s of the budgets plus 120, e.g.
-#   bash bench/gpu_session.sh tests 90; bash bench/gpu_session.sh cost 200;
-#   bash bench/gpu_session.sh fullset 200          # timeout_s 600: one call, one start
+#   bash bench/gpu_session.sh tests 80; bash bench/gpu_session.sh cost 180;
+#   bash bench/gpu_session.sh fullset 200          # timeout_s 590: one call, one start
+# A second call on the still-warm machine (within its idle release) resumes fullset's runs
+# from their checkpoints (bench/results/**/tmp/ is ignored, so it stays there between calls).
 set -u
 STAGE=${1:?"stage: prepare, tests, cost or fullset"}
 BUDGET=${2:-280}
