@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,15 +148,18 @@ def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args)
         return record
     if args.jobs <= 1:
         return [one(item) for item in todo]
-    pool = ThreadPoolExecutor(args.jobs)  # runs start in submission order
-    try:
+    with ThreadPoolExecutor(args.jobs) as pool:  # runs start in submission order
         futures = {i: pool.submit(one, todo[i]) for i in start_order(todo)}
+        try:  # a run failed, or an interrupt (a time limit's SIGINT, which also stops the
+            # runs in progress at a checkpoint): start no other run
+            wait(futures.values(), return_when=FIRST_EXCEPTION)
+            for f in futures.values():
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         return [futures[i].result() for i in range(len(todo))]
-    except BaseException:  # interrupted (a time limit's SIGINT) or a run failed: start no
-        pool.shutdown(cancel_futures=True)  # other run; those running stop at a checkpoint
-        raise
-    finally:
-        pool.shutdown()
 
 
 def start_order(todo: list[tuple[str, str, int]]) -> list[int]:
