@@ -2,6 +2,8 @@
 round, the median over rounds, and the report rebuilt from a saved results.json."""
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,7 +55,6 @@ def test_the_report_is_written_again_from_the_saved_measurements(tmp_path, monke
 
 
 def test_the_machine_is_named_with_its_cores_and_torch():
-    import os
     import torch
     assert train_cost.machine().endswith(f", {os.cpu_count()} cores, torch {torch.__version__}")
 
@@ -91,13 +92,11 @@ def test_each_batch_size_is_saved_as_it_finishes(tmp_path, monkeypatch, capsys):
 
 
 def test_a_tiny_random_model_runs_every_stage_and_reports_its_progress(tmp_path):
-    import subprocess
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_cost.py"), "--model", "random:tiny",
          "--batch-sizes", "2", "--length", "8", "--steps", "1",
          "--configs", "full", "l0_structured", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                          "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batch 2: l0_structured set up in" in out.stderr
     assert "batch 2: l0_structured warm-up step 3 took" in out.stderr
@@ -107,7 +106,6 @@ def test_a_tiny_random_model_runs_every_stage_and_reports_its_progress(tmp_path)
 
 
 def test_a_configuration_whose_process_dies_is_named(tmp_path):
-    import subprocess
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_cost.py"), "--model", "random:nonesuch",
          "--batch-sizes", "2", "--steps", "1", "--configs", "full", "--out", str(tmp_path)],
