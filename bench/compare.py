@@ -152,10 +152,9 @@ def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args)
         futures = {i: pool.submit(one, todo[i]) for i in start_order(todo)}
         try:  # a run failed, or an interrupt (a time limit's SIGINT, which also stops the
             # runs in progress at a checkpoint): start no other run
-            wait(futures.values(), return_when=FIRST_EXCEPTION)
-            for f in futures.values():
-                if f.done() and not f.cancelled() and f.exception() is not None:
-                    raise f.exception()
+            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()  # raises the failed run's exception
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -59,7 +59,7 @@ tests)
   say done
   ;;
 cost)  # each model its own command, and batch 8 before 32: the first numbers come first
-  n=0; for _ in $MODELS; do n=$((n + 1)); done
+  n=$(echo $MODELS | wc -w)
   for m in $MODELS; do
     say "train_cost $m"
     timeout -k 30 -s INT "$(( $(left) / n ))" python3 bench/train_cost.py --device $DEVICE $BF16 \

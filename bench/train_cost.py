@@ -25,7 +25,8 @@ Peak memory is reported twice: over the whole process
 (setup and the gate kernels' compilation included) and over the timed training steps alone
 (Linux: the peak counter VmHWM is reset through /proc/self/clear_refs after the warm-up
 steps). Prints and writes
-ratios to full finetuning.
+ratios to full finetuning, each batch size as it finishes (a run cut short keeps those it
+finished), and on stderr each configuration's setup and warm-up step times as they end.
 
 On a GPU (``--device cuda``) each step is timed between two device synchronisations and
 peak memory is what PyTorch's allocator held on the GPU (torch.cuda.max_memory_allocated,
@@ -378,8 +379,8 @@ def main() -> None:
         measured = saved.get("measured") or _from_rows(saved["rows"])
         args.device, args.bf16 = saved.get("device", "cpu"), saved.get("bf16", False)
         args.model = saved.get("model", args.model)
-        report(args, saved["command"], saved.get("machine", "not recorded"), measured)
-        _print_rows(_rows(measured, args.length), args.device)
+        _print_rows(report(args, saved["command"], saved.get("machine", "not recorded"),
+                           measured), args.device)
         return
     command = " ".join(["python", "bench/train_cost.py"] + sys.argv[1:])
     where = machine(device=args.device)
@@ -396,8 +397,8 @@ def main() -> None:
         measured.append({"batch": batch, "rounds": rounds})
         # each batch size is printed and saved as it finishes, so that a run cut short by a
         # time limit keeps the batch sizes it finished
-        _print_rows(_rows(measured[-1:], args.length), args.device)
-        report(args, command, where, measured)
+        rows = report(args, command, where, measured)
+        _print_rows([r for r in rows if r["batch"] == batch], args.device)
 
 
 def _memory(device: str) -> str:
@@ -421,8 +422,9 @@ def _print_rows(rows: list[dict], device: str) -> None:
               f"({_fmt(r['train_memory_ratio'], '.2f')}x)", flush=True)
 
 
-def report(args, command: str, where: str, measured: list[dict]) -> None:
-    """results.json and results.md in args.out from ``measured`` (the batch sizes so far)."""
+def report(args, command: str, where: str, measured: list[dict]) -> list[dict]:
+    """results.json and results.md in args.out from ``measured`` (the batch sizes so far);
+    their rows."""
     from diffprune.fileio import atomic_write_bytes
     memory = _memory(args.device)
     rows = _rows(measured, args.length)
@@ -461,6 +463,7 @@ def report(args, command: str, where: str, measured: list[dict]) -> None:
               + " / ".join(f"{x:.2f}" for x in r["less_traffic_ratio_rounds"]) + ")."
               for r in rows if "traffic_s" in r]
     atomic_write_bytes(args.out / "results.md", ("\n".join(lines) + "\n").encode())
+    return rows
 
 
 def _from_rows(rows: list[dict]) -> list[dict]:
