@@ -287,18 +287,35 @@ def main() -> None:
                         or seed not in train_seeds or (args.tasks and task not in args.tasks))
                 if not (skip and not path.exists()):
                     todo.append((variant, task, seed))
-    records = run_all(out, todo, profile, args)
+    command = None if args.report_only else command_line(args)
+    try:
+        records = run_all(out, todo, profile, args)
+    except BaseException:  # stopped or failed: the report still shows the runs that finished
+        paths = [out / "runs" / f"{task}-{variant}-s{seed}.json" for variant, task, seed in todo]
+        finished = [json.loads(p.read_text()) for p in paths if p.exists()]
+        if finished:
+            write_results(out, finished, tasks, profile, args, command)
+        raise
+    write_results(out, records, tasks, profile, args, command)
+
+
+def command_line(args) -> str:
+    """The command as the report lists it: a rerun of it resumes where it stopped."""
+    return (f"python bench/compare.py --profile {args.profile}"
+            + (f" --model {args.model}" if args.model else "")
+            + (f" --methods {' '.join(args.methods)}" if args.methods else "")
+            + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+            + (f" --reuse {' '.join(args.reuse)}" if args.reuse else "")
+            + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
+            + (f" --set {' '.join(args.set)}" if args.set else "")
+            + (f" --out {args.out}" if args.out else ""))
+
+
+def write_results(out: Path, records: list[dict], tasks, profile: Profile, args,
+                  command: str | None) -> None:
+    """results.{json,md} and the plots; ``command`` None (--report-only, which trained
+    nothing) leaves the list of commands that trained the runs as it is."""
     from report import write_report  # bench/report.py
-    # --report-only trained nothing: the list of commands that trained the runs stays as is
-    command = None if args.report_only else (
-        f"python bench/compare.py --profile {args.profile}"
-        + (f" --model {args.model}" if args.model else "")
-        + (f" --methods {' '.join(args.methods)}" if args.methods else "")
-        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-        + (f" --reuse {' '.join(args.reuse)}" if args.reuse else "")
-        + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
-        + (f" --set {' '.join(args.set)}" if args.set else "")
-        + (f" --out {args.out}" if args.out else ""))
     ckpt = full_checkpoint_bytes(args.model or profile.model, tasks[0], args.data_dir)
     write_report(out, records, tasks, profile, command, ckpt,
                  variant_fields=lambda variant: variant_config(variant, profile))

@@ -45,3 +45,26 @@ def test_a_run_that_fails_or_is_interrupted_starts_no_other(monkeypatch):
     # the run beside the failed one finishes; the pool starts at most one more, not all 8
     # (nor the runs that start while the first is awaited)
     assert 2 <= len(started) <= 3
+
+
+def test_a_stopped_harness_reports_the_runs_that_finished(monkeypatch, tmp_path):
+    import json
+
+    import pytest
+
+    def run_all(out, todo, profile, args):  # one run finishes, then a time limit's SIGINT
+        variant, task, seed = todo[0]
+        run = out / "runs" / f"{task}-{variant}-s{seed}.json"
+        run.parent.mkdir(parents=True)
+        run.write_text(json.dumps({"score": 1.0}))
+        raise KeyboardInterrupt
+    reported = []
+    monkeypatch.setattr(compare, "run_all", run_all)
+    monkeypatch.setattr(compare, "write_results",
+                        lambda out, records, *rest: reported.append((records, rest[-1])))
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--profile", "smoke", "--out", str(tmp_path)])
+    with pytest.raises(KeyboardInterrupt):
+        compare.main()
+    # the report lists the command, so that it says how the runs were trained and resumed
+    assert reported == [([{"score": 1.0}],
+                         f"python bench/compare.py --profile smoke --out {tmp_path}")]
