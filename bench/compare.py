@@ -130,8 +130,8 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
               "artifact": results["artifact"], "config": results["config"]}
     if "reused_from" in results:
         record["reused_from"] = results["reused_from"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    from diffprune.fileio import atomic_write_bytes  # a stopped harness reads it (main)
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     return record
 
 
@@ -293,8 +293,11 @@ def main() -> None:
     except BaseException:  # stopped or failed: the report still shows the runs that finished
         paths = [out / "runs" / f"{task}-{variant}-s{seed}.json" for variant, task, seed in todo]
         finished = [json.loads(p.read_text()) for p in paths if p.exists()]
-        if finished:
-            write_results(out, finished, tasks, profile, args, command)
+        try:
+            if finished:
+                write_results(out, finished, tasks, profile, args, command)
+        except Exception as e:  # the run's own error is the one to show
+            logging.warning("no report of the finished runs: %s", e)
         raise
     write_results(out, records, tasks, profile, args, command)
 
