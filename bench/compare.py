@@ -103,8 +103,13 @@ def tasks_present(data_dir: str | None) -> tuple[str, ...]:
                  if (Path(data_dir) / get_task(t).glue_dir / "train.tsv").exists())
 
 
+def run_path(out: Path, variant: str, task: str, seed: int) -> Path:
+    """A finished run's record (``_runs_on_disk`` reads these names back)."""
+    return out / "runs" / f"{task}-{variant}-s{seed}.json"
+
+
 def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, args) -> dict:
-    path = out / "runs" / f"{task}-{variant}-s{seed}.json"
+    path = run_path(out, variant, task, seed)
     if path.exists():
         return json.loads(path.read_text())
     cfg = {"task": task, "seed": seed, "model": args.model or profile.model,
@@ -282,7 +287,7 @@ def main() -> None:
     for variant in _variants(profile, args.methods, {variant for variant, _ in done}):
         for task in order:
             for seed in seeds:
-                path = out / "runs" / f"{task}-{variant}-s{seed}.json"
+                path = run_path(out, variant, task, seed)
                 skip = (args.report_only or (args.methods and variant not in args.methods)
                         or seed not in train_seeds or (args.tasks and task not in args.tasks))
                 if not (skip and not path.exists()):
@@ -291,7 +296,7 @@ def main() -> None:
     try:
         records = run_all(out, todo, profile, args)
     except BaseException:  # stopped or failed: the report still shows the runs that finished
-        paths = [out / "runs" / f"{task}-{variant}-s{seed}.json" for variant, task, seed in todo]
+        paths = [run_path(out, *item) for item in todo]
         finished = [json.loads(p.read_text()) for p in paths if p.exists()]
         try:
             if finished:

@@ -1,7 +1,11 @@
-"""bench/compare.py --jobs: runs in parallel start task-seed by task-seed."""
+"""bench/compare.py: runs in parallel start task-seed by task-seed; a stopped harness stops
+starting runs and still reports the finished ones."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -26,7 +30,6 @@ def test_a_run_that_fails_or_is_interrupted_starts_no_other(monkeypatch):
     import time
     import types
 
-    import pytest
     started, lock = [], threading.Lock()
 
     def run_one(out, variant, task, seed, profile, args):
@@ -48,13 +51,8 @@ def test_a_run_that_fails_or_is_interrupted_starts_no_other(monkeypatch):
 
 
 def test_a_stopped_harness_reports_the_runs_that_finished(monkeypatch, tmp_path):
-    import json
-
-    import pytest
-
     def run_all(out, todo, profile, args):  # one run finishes, then a time limit's SIGINT
-        variant, task, seed = todo[0]
-        run = out / "runs" / f"{task}-{variant}-s{seed}.json"
+        run = compare.run_path(out, *todo[0])
         run.parent.mkdir(parents=True)
         run.write_text(json.dumps({"score": 1.0}))
         raise KeyboardInterrupt
