@@ -147,6 +147,18 @@ def test_compare_profiles_epochs_rule():
     assert "epochs" not in compare.variant_config("diff-s-0.005", paper)  # the profile's 3 + 3
 
 
+def test_compare_shira_rate_follows_the_training_set_size():
+    """SHiRA's rate: 5e-3 on the quick profile's 1,000-example sets, 2e-3 where a profile
+    trains on the whole sets (the full profile), as measured at both sizes."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert compare.variant_config("shira", compare.PROFILES["quick"])["lr_adapter"] == 5e-3
+    assert compare.variant_config("shira", compare.PROFILES["full"])["lr_adapter"] == 2e-3
+
+
 def test_compare_magnitude_at_other_densities():
     """"magnitude" is the baseline at 0.5%; magnitude-D runs it at another density D, and
     the report labels each by its density."""
