@@ -92,7 +92,8 @@ def variant_config(variant: str, profile: Profile) -> dict:
             # SHiRA trains a fixed sparse set from zero, far above LoRA's 1e-3: 5e-3 was the
             # best of 5e-4..5e-3 on the quick sets (bench/results/lr_sweep); on whole
             # training sets 5e-3 undertrains CoLA and 2e-3 scores higher (bench/README.md,
-            # sessions 28-29)
+            # sessions 28-29). The profile decides, not --set max_train_samples=null: the
+            # quick profile's whole-set study (quick-fullset) trained SHiRA at 5e-3
             "shira": {"method": "shira", "epochs": both, "density": 0.005,
                       "lr_adapter": 5e-3 if profile.max_train_samples else 2e-3}
             }[variant]
