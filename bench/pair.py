@@ -40,11 +40,9 @@ def load(directory: Path, variant: str, side: str) -> list[dict]:
     runs = directory / "runs"
     if not runs.is_dir():
         raise SystemExit(f"{directory}: no runs/ directory (not a bench/compare.py output)")
-    records = []
-    for path in sorted(runs.glob(f"*-{variant}-s*.json")):
-        rec = json.loads(path.read_text())
-        if rec.get("variant") == variant:  # "diff-s-0.005" must not match "s-0.005" runs
-            records.append({**rec, "variant": side})
+    records = [{**rec, "variant": side} for rec in
+               (json.loads(path.read_text()) for path in sorted(runs.glob("*.json")))
+               if rec.get("variant") == variant]
     if not records:
         raise SystemExit(f"{directory}: no finished runs of variant {variant!r}")
     return records

@@ -1,4 +1,5 @@
 """LoRA / SHiRA through PEFT in the training loop, and the benchmark harness (smoke profile)."""
+import importlib
 import json
 import subprocess
 import sys
@@ -12,6 +13,16 @@ from diffprune.train import train
 
 peft = pytest.importorskip("peft")
 ROOT = Path(__file__).parent.parent
+
+
+def bench(name: str):
+    """A script of bench/ as a module, imported the way it imports its neighbours (with
+    bench/ on the path)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
 
 
 def _cfg(tiny_model_dir, tiny_glue, out, **kw):
@@ -134,11 +145,7 @@ def test_compare_harness_smoke(tiny_model_dir, tiny_glue, tmp_path):
 def test_compare_profiles_epochs_rule():
     """Single-phase methods take both diff-pruning phases' epochs (equal steps), except in a
     profile that sets its own, as quick-paper does with the paper's 3 + 3 against 3."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import compare
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    compare = bench("compare")
     quick, paper = compare.PROFILES["quick"], compare.PROFILES["quick-paper"]
     assert compare.variant_config("full", quick)["epochs"] == 4
     assert compare.variant_config("lora", quick)["epochs"] == 4
@@ -150,11 +157,7 @@ def test_compare_profiles_epochs_rule():
 def test_compare_shira_rate_follows_the_training_set_size():
     """SHiRA's rate: 5e-3 on the quick profile's 1,000-example sets, 2e-3 where a profile
     trains on the whole sets (the full profile), as measured at both sizes."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import compare
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    compare = bench("compare")
     assert compare.variant_config("shira", compare.PROFILES["quick"])["lr_adapter"] == 5e-3
     assert compare.variant_config("shira", compare.PROFILES["full"])["lr_adapter"] == 2e-3
 
@@ -162,12 +165,7 @@ def test_compare_shira_rate_follows_the_training_set_size():
 def test_compare_magnitude_at_other_densities():
     """"magnitude" is the baseline at 0.5%; magnitude-D runs it at another density D, and
     the report labels each by its density."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import compare
-        import report
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    compare, report = bench("compare"), bench("report")
     quick = compare.PROFILES["quick"]
     assert compare.variant_config("magnitude", quick) == {"method": "magnitude", "density": 0.005}
     assert compare.variant_config("magnitude-0.001", quick) == {"method": "magnitude",
