@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,9 +128,9 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
         from runs import reusable  # bench/runs.py
         results = reusable(TrainConfig(**cfg), args.reuse)
     if results is None:
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)])
-        if proc.returncode != 0:
-            raise SystemExit(f"run {path.stem} failed (exit {proc.returncode}); rerun to resume")
+        code = run_child([sys.executable, __file__, "--one", json.dumps(cfg)])
+        if code != 0:
+            raise SystemExit(f"run {path.stem} failed (exit {code}); rerun to resume")
         results = json.loads((Path(cfg["out"]) / "results.json").read_text())
     keep = ("task", "method", "seed", "score", "dev", "density", "nnz", "rank", "gated_params",
             "dense_params", "stored_params", "trainable_params", "total_params",
@@ -142,6 +143,58 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
     from diffprune.fileio import atomic_write_bytes  # a stopped harness reads it (main)
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     return record
+
+
+class Stop(BaseException):
+    """The harness was told to stop (SIGTERM or SIGINT): its runs in progress stop at a
+    checkpoint, no other starts, and the report shows the runs that finished."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_children: set = set()  # the runs' processes in progress (Popen)
+_stopping: list[int] = []  # the signal that stops the harness, once one came
+
+
+def _on_stop_signal(signum, frame) -> None:
+    """Tells every run in progress to stop at a checkpoint (a SIGTERM sent to the harness
+    alone, or a time limit's SIGINT, reaches no run otherwise) and stops the harness. A
+    second signal takes the default action: SIGINT a KeyboardInterrupt, SIGTERM an end."""
+    _stopping.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                      else signal.SIG_DFL)
+    for proc in list(_children):
+        _tell_to_stop(proc)
+    raise Stop(signum)
+
+
+def _tell_to_stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the run checkpoints after its current step
+
+
+def run_child(cmd: list[str]) -> int:
+    """One run's process, to its end; the exit code. Stopped while it runs (Stop, or any
+    exception), it is not killed, as subprocess.run would: it is told to stop and awaited,
+    so that it writes its checkpoint (a run resumes from it)."""
+    if _stopping:
+        raise Stop(_stopping[0])
+    proc = subprocess.Popen(cmd)
+    _children.add(proc)
+    try:
+        if _stopping:  # the signal came as the process started: it may have missed it
+            _tell_to_stop(proc)
+        try:
+            return proc.wait()
+        except BaseException:
+            _tell_to_stop(proc)
+            proc.wait()
+            raise
+    finally:
+        _children.discard(proc)
 
 
 def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args) -> list[dict]:
@@ -159,13 +212,14 @@ def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args)
         return [one(item) for item in todo]
     with ThreadPoolExecutor(args.jobs) as pool:  # runs start in submission order
         futures = {i: pool.submit(one, todo[i]) for i in start_order(todo)}
-        try:  # a run failed, or an interrupt (a time limit's SIGINT, which also stops the
-            # runs in progress at a checkpoint): start no other run
+        try:  # a run failed, or the harness was stopped: start no other run
             done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
             for f in done:
                 f.result()  # raises the failed run's exception
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException as e:
+            # stopped: await the runs in progress (each stops at its checkpoint), so that
+            # the report has every run that finished; a failure: report without them
+            pool.shutdown(wait=isinstance(e, Stop), cancel_futures=True)
             raise
         return [futures[i].result() for i in range(len(todo))]
 
@@ -223,10 +277,14 @@ def _one(cfg_json: str) -> None:
     """Child process: one training run (its peak memory is its own)."""
     from diffprune.cli import tune_allocator
     from diffprune.recipe import TrainConfig
-    from diffprune.train import train
+    from diffprune.train import TrainingInterrupted, train
     logging.basicConfig(level=logging.WARNING)
     tune_allocator()
-    train(TrainConfig(**json.loads(cfg_json)))
+    try:
+        train(TrainConfig(**json.loads(cfg_json)))
+    except TrainingInterrupted as e:  # told to stop: its checkpoint is written
+        print(f"{e}", file=sys.stderr)
+        sys.exit(130)
 
 
 def full_checkpoint_bytes(model: str, task: str, data_dir: str | None) -> int:
@@ -297,6 +355,8 @@ def main() -> None:
                 if not (skip and not path.exists()):
                     todo.append((variant, task, seed))
     command = None if args.report_only else command_line(args)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
     try:
         records = run_all(out, todo, profile, args)
     except BaseException:  # stopped or failed: the report still shows the runs that finished
@@ -335,4 +395,9 @@ def write_results(out: Path, records: list[dict], tasks, profile: Profile, args,
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    main()
+    try:
+        main()
+    except Stop as stop:
+        print(f"{stop}: the report shows the runs that finished; the same command resumes "
+              "the others from their checkpoints", file=sys.stderr)
+        sys.exit(128 + stop.signum)

@@ -66,3 +66,56 @@ def test_a_stopped_harness_reports_the_runs_that_finished(monkeypatch, tmp_path)
     # the report lists the command, so that it says how the runs were trained and resumed
     assert reported == [([{"score": 1.0}],
                          f"python bench/compare.py --profile smoke --out {tmp_path}")]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_runs_at_a_checkpoint_and_records_the_command(tiny_model_dir, tiny_glue,
+                                                                    tmp_path, jobs):
+    """A SIGTERM sent to the harness alone (kill PID) reaches the run in progress, which
+    stops at a checkpoint instead of being killed, and the report lists the command."""
+    import os
+    import signal
+    import subprocess
+    out = tmp_path / "compare"
+    cmd = [sys.executable, str(ROOT / "bench" / "compare.py"), "--profile", "smoke",
+           "--model", str(tiny_model_dir), "--data-dir", str(tiny_glue), "--out", str(out)]
+    subprocess.run(cmd + ["--methods", "bitfit"], check=True, capture_output=True)
+    long = ["--methods", "full", "--jobs", str(jobs), "--set", "epochs=1000"]
+    run_dir = out / "tmp" / "sst2-full-s1"
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: an unread pipe fills and blocks
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd + long, stdout=subprocess.DEVNULL, stderr=fh,
+                                start_new_session=True)  # its runs share its group
+    try:
+        _stop_while_a_run_trains(proc, run_dir / "metrics.jsonl")
+        # no process of the harness outlives it (before, its runs went on training)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+    finally:  # nothing left behind if the test fails
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    err = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    # the run was told to stop and wrote its checkpoint (a killed run prints nothing)
+    assert "stopped after step" in err and (run_dir / "checkpoint").is_dir()
+    assert not compare.run_path(out, "full", "sst2", 1).exists()
+    # the report has the finished run and both commands, the stopped one last
+    commands = json.loads((out / "results.json").read_text())["commands"]
+    assert len(commands) == 2 and commands[-1].endswith(
+        f"--methods full --set epochs=1000 --out {out}")
+    assert "| BitFit" in (out / "results.md").read_text()
+
+
+def _stop_while_a_run_trains(proc, metrics: Path) -> None:
+    """SIGTERM to the harness ``proc`` alone once its run has logged an evaluation."""
+    import signal
+    import time
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run logged no evaluation in 120 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # to the harness only, not to its run
+    proc.wait(timeout=120)
