@@ -89,7 +89,11 @@ def variant_config(variant: str, profile: Profile) -> dict:
             "magnitude": {"method": "magnitude", "density": 0.005},
             # BitFit's rates are TrainConfig's for it: 1e-3 for the biases and the head
             "bitfit": {"method": "bitfit", "epochs": both},
-            "lora": {"method": "lora", "epochs": both, "density": 0.005},
+            # LoRA: 1e-3 was the best of 5e-4..5e-3 on the quick sets (bench/results/
+            # lr_sweep); on whole training sets 2e-3 and above collapse to one output and
+            # 5e-4 scores higher than 1e-3, on CoLA most (bench/README.md, sessions 30-31)
+            "lora": {"method": "lora", "epochs": both, "density": 0.005,
+                     "lr_adapter": 1e-3 if profile.max_train_samples else 5e-4},
             # SHiRA trains a fixed sparse set from zero, far above LoRA's 1e-3: 5e-3 was the
             # best of 5e-4..5e-3 on the quick sets (bench/results/lr_sweep); on whole
             # training sets 5e-3 undertrains CoLA and 2e-3 scores higher (bench/README.md,

@@ -154,12 +154,16 @@ def test_compare_profiles_epochs_rule():
     assert "epochs" not in compare.variant_config("diff-s-0.005", paper)  # the profile's 3 + 3
 
 
-def test_compare_shira_rate_follows_the_training_set_size():
+def test_compare_peft_rates_follow_the_training_set_size():
     """SHiRA's rate: 5e-3 on the quick profile's 1,000-example sets, 2e-3 where a profile
-    trains on the whole sets (the full profile), as measured at both sizes."""
+    trains on the whole sets (the full profile); LoRA's 1e-3 and 5e-4; as measured at both
+    sizes."""
     compare = bench("compare")
-    assert compare.variant_config("shira", compare.PROFILES["quick"])["lr_adapter"] == 5e-3
-    assert compare.variant_config("shira", compare.PROFILES["full"])["lr_adapter"] == 2e-3
+    quick, full = compare.PROFILES["quick"], compare.PROFILES["full"]
+    assert compare.variant_config("shira", quick)["lr_adapter"] == 5e-3
+    assert compare.variant_config("shira", full)["lr_adapter"] == 2e-3
+    assert compare.variant_config("lora", quick)["lr_adapter"] == 1e-3
+    assert compare.variant_config("lora", full)["lr_adapter"] == 5e-4
 
 
 def test_compare_magnitude_at_other_densities():
