@@ -359,8 +359,8 @@ def main() -> None:
                 if not (skip and not path.exists()):
                     todo.append((variant, task, seed))
     command = None if args.report_only else command_line(args)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_stop_signal)
+    handlers = {sig: signal.signal(sig, _on_stop_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         records = run_all(out, todo, profile, args)
     except BaseException:  # stopped or failed: the report still shows the runs that finished
@@ -372,6 +372,9 @@ def main() -> None:
         except Exception as e:  # the run's own error is the one to show
             logging.warning("no report of the finished runs: %s", e)
         raise
+    finally:  # the caller's handlers again (a test calls main in its own process)
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
     write_results(out, records, tasks, profile, args, command)
 
 
@@ -402,6 +405,6 @@ if __name__ == "__main__":
     try:
         main()
     except Stop as stop:
-        print(f"{stop}: the report shows the runs that finished; the same command resumes "
-              "the others from their checkpoints", file=sys.stderr)
+        print(f"{stop}: the runs that finished are in the report (none: no report); the "
+              "same command resumes the others from their checkpoints", file=sys.stderr)
         sys.exit(128 + stop.signum)

@@ -61,8 +61,12 @@ def test_a_stopped_harness_reports_the_runs_that_finished(monkeypatch, tmp_path)
     monkeypatch.setattr(compare, "write_results",
                         lambda out, records, *rest: reported.append((records, rest[-1])))
     monkeypatch.setattr(sys, "argv", ["compare.py", "--profile", "smoke", "--out", str(tmp_path)])
+    import signal
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt):
         compare.main()
+    # main gives the caller its signal handlers back
+    assert {sig: signal.getsignal(sig) for sig in before} == before
     # the report lists the command, so that it says how the runs were trained and resumed
     assert reported == [([{"score": 1.0}],
                          f"python bench/compare.py --profile smoke --out {tmp_path}")]
