@@ -114,12 +114,13 @@ def test_sigterm_stops_runs_at_a_checkpoint_and_records_the_command(tiny_model_d
 
 
 def _stop_while_a_run_trains(proc, metrics: Path) -> None:
-    """SIGTERM to the harness ``proc`` alone once its run has logged an evaluation."""
+    """SIGTERM to the harness ``proc`` alone once its run has logged its first metrics
+    line (it is training: on the tiny data, the first epoch's evaluation)."""
     import signal
     import time
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text()) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the run logged no evaluation in 120 s"
+        assert time.monotonic() < deadline, "the run logged no metrics in 120 s"
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # to the harness only, not to its run
     proc.wait(timeout=120)
