@@ -220,10 +220,11 @@ def run_all(out: Path, todo: list[tuple[str, str, int]], profile: Profile, args)
             done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
             for f in done:
                 f.result()  # raises the failed run's exception
-        except BaseException as e:
-            # stopped: await the runs in progress (each stops at its checkpoint), so that
-            # the report has every run that finished; a failure: report without them
-            pool.shutdown(wait=isinstance(e, Stop), cancel_futures=True)
+        except BaseException:
+            # the runs not started are cancelled; leaving the with block awaits those in
+            # progress (stopped, each ends at its checkpoint), so the report has every run
+            # that finished
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
         return [futures[i].result() for i in range(len(todo))]
 
