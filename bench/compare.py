@@ -4,7 +4,8 @@ Issue 4's table. Every method runs through diffprune's one training loop (same d
 tokenisation, schedule, seeds, evaluation); LoRA and SHiRA through PEFT's public API with the
 rank matched to 0.5% of the base model. Each run is a subprocess (its own peak memory) that
 resumes from its checkpoint; finished runs are skipped, so the harness can be stopped and
-started again. Writes bench/results/compare/<profile>/{runs/*.json, results.json, results.md,
+started again (it stops at once if a finished run it is asked for was trained with other
+settings). Writes bench/results/compare/<profile>/{runs/*.json, results.json, results.md,
 score_vs_params.png, nonzeros.png}.
 
   GLUE_DIR=../shared/data/glue python bench/compare.py --profile quick
@@ -117,15 +118,41 @@ def run_path(out: Path, variant: str, task: str, seed: int) -> Path:
     return out / "runs" / f"{task}-{variant}-s{seed}.json"
 
 
+def run_config(out: Path, variant: str, task: str, seed: int, profile: Profile, args) -> dict:
+    """The TrainConfig fields of one run as this command asks for it."""
+    return {"task": task, "seed": seed, "model": args.model or profile.model,
+            "data_dir": args.data_dir, "max_train_samples": profile.max_train_samples,
+            "epochs": profile.epochs, "fixmask_epochs": profile.fixmask_epochs,
+            "out": str(out / "tmp" / run_path(out, variant, task, seed).stem), "resume": True,
+            **profile.extra, **variant_config(variant, profile), **args.overrides}
+
+
+def check_finished(out: Path, asked: list[tuple[str, str, int]], profile: Profile,
+                   args) -> None:
+    """Stop before training if a finished run this command asks for was trained otherwise
+    (another --set, profile or model, or an older default): the harness keeps finished runs,
+    so it would report that run as this command's."""
+    from diffprune.recipe import TrainConfig
+    from runs import settings  # bench/runs.py
+    for item in asked:
+        path = run_path(out, *item)
+        if not path.exists():
+            continue
+        have = settings(TrainConfig(**json.loads(path.read_text())["config"]))
+        want = settings(TrainConfig(**run_config(out, *item, profile, args)))
+        differ = [f"{k} {have.get(k)!r} (asked {want.get(k)!r})"
+                  for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        if differ:
+            raise SystemExit(f"{path} was trained with other settings: {', '.join(differ)}. "
+                             "Give this command its own --out, or remove that file (and its "
+                             f"checkpoint under {out / 'tmp' / path.stem}) to train it again")
+
+
 def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, args) -> dict:
     path = run_path(out, variant, task, seed)
     if path.exists():
         return json.loads(path.read_text())
-    cfg = {"task": task, "seed": seed, "model": args.model or profile.model,
-           "data_dir": args.data_dir, "max_train_samples": profile.max_train_samples,
-           "epochs": profile.epochs, "fixmask_epochs": profile.fixmask_epochs,
-           "out": str(out / "tmp" / path.stem), "resume": True, **profile.extra,
-           **variant_config(variant, profile), **args.overrides}
+    cfg = run_config(out, variant, task, seed, profile, args)
     results = None
     if args.reuse:
         from diffprune.recipe import TrainConfig
@@ -349,7 +376,7 @@ def main() -> None:
     train_seeds = tuple(args.seeds or profile.seeds)
     done = _runs_on_disk(out)
     seeds = sorted(set(train_seeds) | set(profile.seeds) | {seed for _, seed in done})
-    todo = []
+    todo, asked = [], []  # every run of the report; those this command trains if not done
     # method-major: an interrupted run leaves complete rows
     for variant in _variants(profile, args.methods, {variant for variant, _ in done}):
         for task in order:
@@ -357,8 +384,11 @@ def main() -> None:
                 path = run_path(out, variant, task, seed)
                 skip = (args.report_only or (args.methods and variant not in args.methods)
                         or seed not in train_seeds or (args.tasks and task not in args.tasks))
+                if not skip:
+                    asked.append((variant, task, seed))
                 if not (skip and not path.exists()):
                     todo.append((variant, task, seed))
+    check_finished(out, asked, profile, args)
     command = None if args.report_only else command_line(args)
     handlers = {sig: signal.signal(sig, _on_stop_signal)
                 for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -72,6 +72,44 @@ def test_a_stopped_harness_reports_the_runs_that_finished(monkeypatch, tmp_path)
                          f"python bench/compare.py --profile smoke --out {tmp_path}")]
 
 
+def test_a_finished_run_trained_otherwise_stops_the_harness_before_it_trains(monkeypatch,
+                                                                           tmp_path):
+    import types
+    profile = compare.PROFILES["smoke"]
+    asked = types.SimpleNamespace(model="tiny", data_dir="glue", overrides={})
+    run = compare.run_path(tmp_path, "full", "sst2", 1)
+    run.parent.mkdir(parents=True)
+    trained = []
+    monkeypatch.setattr(compare, "run_all", lambda out, todo, *rest: trained.append(todo) or [])
+    monkeypatch.setattr(compare, "write_results", lambda *a, **k: None)
+    argv = ["compare.py", "--profile", "smoke", "--model", "tiny", "--data-dir", "glue",
+            "--methods", "full", "--seeds", "1", "--out", str(tmp_path)]
+
+    def finished_with(**changed):
+        cfg = {**compare.run_config(tmp_path, "full", "sst2", 1, profile, asked), **changed}
+        run.write_text(json.dumps({"score": 1.0, "config": cfg}))
+
+    # trained as this command asks (the data may lie elsewhere now): kept, and reported
+    finished_with(data_dir="/elsewhere/glue")
+    monkeypatch.setattr(sys, "argv", argv)
+    compare.main()
+    assert trained == [[("full", "sst2", 1)]]
+    # trained at another rate (an older default, or another --set): named, nothing trains
+    finished_with(lr_full=3e-5)
+    with pytest.raises(SystemExit, match=r"sst2-full-s1\.json was trained with other settings: "
+                                         r"lr_full 3e-05 \(asked 5e-05\)"):
+        compare.main()
+    assert len(trained) == 1
+    # --set that rate asks for what was trained
+    monkeypatch.setattr(sys, "argv", argv + ["--set", "lr_full=3e-5"])
+    compare.main()
+    assert len(trained) == 2
+    # a run this command does not ask for is only reported, whatever its settings
+    monkeypatch.setattr(sys, "argv", [a if a != "full" else "bitfit" for a in argv])
+    compare.main()
+    assert len(trained) == 3
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigterm_stops_runs_at_a_checkpoint_and_records_the_command(tiny_model_dir, tiny_glue,
                                                                     tmp_path, jobs):
