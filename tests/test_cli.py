@@ -103,6 +103,29 @@ def test_resume_after_interruption_gives_identical_diff(tmp_path, tiny_model_dir
     assert ra["score"] == rb["score"] and ra["train_steps"] == rb["train_steps"]
 
 
+def test_a_stop_asked_for_while_the_final_files_are_written_waits_for_them(
+        tmp_path, tiny_model_dir, tiny_glue, monkeypatch):
+    import os
+    import signal
+
+    from diffprune.train import Trainer
+    save = Trainer._save_artifact
+
+    def interrupted(self):  # SIGINT (a harness's time limit) as the diff is written
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(self)
+    monkeypatch.setattr(Trainer, "_save_artifact", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rc, run = _train(tmp_path, tiny_model_dir, tiny_glue)
+    except KeyboardInterrupt:
+        pytest.fail("the stop ended the run before it wrote its results")
+    assert rc == 0 and (run / "results.json").exists()
+    assert dp.SparseDiff.load(run / "diff").nnz == json.loads(
+        (run / "results.json").read_text())["nnz"]
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler again
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir, tiny_glue, capsys):
     _train(tmp_path, tiny_model_dir, tiny_glue, "--stop-after-steps", "2")
     rc, _ = _train(tmp_path, tiny_model_dir, tiny_glue, "--resume", "--density", "0.1")

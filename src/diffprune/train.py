@@ -252,11 +252,15 @@ class Trainer(Resumable):
         start = time.perf_counter() - self.elapsed
         try:
             self._run_phases(start)
+            self.elapsed = time.perf_counter() - start
+            if self._stop:  # asked after the last step: the final files take seconds
+                log.warning("stop asked for after training ended: writing the results first")
+            # still under the handlers: a stop asked for now waits for the files, rather than
+            # ending the run without them (it would resume from its last epoch's checkpoint)
+            return self._finish()
         finally:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
-        self.elapsed = time.perf_counter() - start
-        return self._finish()
 
     def _run_phases(self, start: float) -> None:
         steps = self.steps_per_epoch()
