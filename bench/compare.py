@@ -138,7 +138,11 @@ def check_finished(out: Path, asked: list[tuple[str, str, int]], profile: Profil
         path = run_path(out, *item)
         if not path.exists():
             continue
-        have = settings(TrainConfig(**json.loads(path.read_text())["config"]))
+        try:
+            have = settings(TrainConfig(**json.loads(path.read_text())["config"]))
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, no config, unknown fields
+            raise SystemExit(f"{path} is not a run record this harness can read "
+                             f"({type(e).__name__}: {e}); remove it to train the run again")
         want = settings(TrainConfig(**run_config(out, *item, profile, args)))
         differ = [f"{k} {have.get(k)!r} (asked {want.get(k)!r})"
                   for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]

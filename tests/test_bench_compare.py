@@ -104,6 +104,11 @@ def test_a_finished_run_trained_otherwise_stops_the_harness_before_it_trains(mon
     monkeypatch.setattr(sys, "argv", argv + ["--set", "lr_full=3e-5"])
     compare.main()
     assert len(trained) == 2
+    # a record that cannot say how it was trained is named too
+    run.write_text(json.dumps({"score": 1.0}))
+    with pytest.raises(SystemExit, match=r"sst2-full-s1\.json is not a run record"):
+        compare.main()
+    finished_with(lr_full=3e-5)
     # a run this command does not ask for is only reported, whatever its settings
     monkeypatch.setattr(sys, "argv", [a if a != "full" else "bitfit" for a in argv])
     compare.main()
