@@ -133,21 +133,21 @@ def check_finished(out: Path, asked: list[tuple[str, str, int]], profile: Profil
     (another --set, profile or model, or an older default): the harness keeps finished runs,
     so it would report that run as this command's."""
     from diffprune.recipe import TrainConfig
-    from runs import settings  # bench/runs.py
+    from runs import differences  # bench/runs.py
     for item in asked:
         path = run_path(out, *item)
         if not path.exists():
             continue
+        cfg = TrainConfig(**run_config(out, *item, profile, args))
         try:
-            have = settings(TrainConfig(**json.loads(path.read_text())["config"]))
+            differ = differences(json.loads(path.read_text()), cfg)
         except (ValueError, KeyError, TypeError) as e:  # not JSON, no config, unknown fields
             raise SystemExit(f"{path} is not a run record this harness can read "
                              f"({type(e).__name__}: {e}); remove it to train the run again")
-        want = settings(TrainConfig(**run_config(out, *item, profile, args)))
-        differ = [f"{k} {have.get(k)!r} (asked {want.get(k)!r})"
-                  for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
         if differ:
-            raise SystemExit(f"{path} was trained with other settings: {', '.join(differ)}. "
+            fields = ", ".join(f"{k} {have!r} (asked {want!r})"
+                               for k, (have, want) in differ.items())
+            raise SystemExit(f"{path} was trained with other settings: {fields}. "
                              "Give this command its own --out, or remove that file (and its "
                              f"checkpoint under {out / 'tmp' / path.stem}) to train it again")
 

@@ -33,18 +33,24 @@ def settings(cfg) -> dict:
     return out
 
 
+def differences(record: dict, cfg) -> dict:
+    """{field: (recorded, asked)} for each setting in which the finished run ``record`` (a run
+    JSON with its ``config``) differs from ``cfg`` (a TrainConfig); empty if ``cfg`` would
+    train that run. A record without a config raises KeyError."""
+    from diffprune.recipe import TrainConfig
+    have, want = settings(TrainConfig(**record["config"])), settings(cfg)
+    return {k: (have.get(k), want.get(k)) for k in sorted(have.keys() | want.keys())
+            if have.get(k) != want.get(k)}
+
+
 def reusable(cfg, dirs: list[str]) -> dict | None:
     """A finished run JSON under ``dirs`` trained exactly as ``cfg`` (a TrainConfig) would be,
     with ``reused_from`` added; None if there is none. The settings are compared, not the
     code: reuse only runs of the same code."""
-    from diffprune.recipe import TrainConfig
-    want = settings(cfg)
     for d in dirs:
         for f in sorted(Path(d).glob("*.json")):
             record = json.loads(f.read_text())
-            if "config" not in record:
-                continue
-            if settings(TrainConfig(**record["config"])) == want:
+            if "config" in record and not differences(record, cfg):
                 return {**record, "reused_from": str(f)}
     return None
 
