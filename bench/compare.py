@@ -170,7 +170,7 @@ def run_one(out: Path, variant: str, task: str, seed: int, profile: Profile, arg
     keep = ("task", "method", "seed", "score", "dev", "density", "nnz", "rank", "gated_params",
             "dense_params", "stored_params", "trainable_params", "total_params",
             "artifact_bytes", "position_bits_per_nnz", "wall_time_s", "peak_memory_bytes",
-            "train_steps", "train_examples", "phases", "projection")
+            "train_steps", "train_examples", "phases", "projection", "epochs")
     record = {"variant": variant, **{k: results.get(k) for k in keep},
               "artifact": results["artifact"], "config": results["config"]}
     if "reused_from" in results:

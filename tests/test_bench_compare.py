@@ -154,6 +154,10 @@ def test_sigterm_stops_runs_at_a_checkpoint_and_records_the_command(tiny_model_d
     assert len(commands) == 2 and commands[-1].endswith(
         f"--methods full --set epochs=1000 --out {out}")
     assert "| BitFit" in (out / "results.md").read_text()
+    # a run's record keeps its learning curve: one phase here, whose best epoch is the score
+    bitfit = json.loads(compare.run_path(out, "bitfit", "sst2", 1).read_text())
+    assert len({e["phase"] for e in bitfit["epochs"]}) == 1
+    assert max(e["score"] for e in bitfit["epochs"]) == bitfit["score"]
 
 
 def _stop_while_a_run_trains(proc, metrics: Path) -> None:

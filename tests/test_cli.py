@@ -31,6 +31,10 @@ def test_train_eval_inspect_merge_predict(tmp_path, tiny_model_dir, tiny_glue, c
     assert "dev" in results["projection"] and "dev" in results["phases"]["l0"]
     assert results["artifact_bytes"] == sum(p.stat().st_size for p in (run / "diff").iterdir())
     assert (run / "metrics.jsonl").read_text().count('"event": "eval"') == 3
+    curve = results["epochs"]  # the dev score after every epoch, each once
+    assert [(e["phase"], e["epoch"]) for e in curve] == [("l0", 0), ("l0", 1), ("fixmask", 0)]
+    assert curve[-1]["score"] == results["score"]  # the one fixed-mask epoch is the best
+    assert curve[1]["score"] == pytest.approx(results["phases"]["l0"]["dev"]["score"])
     capsys.readouterr()
 
     assert main(["-q", "eval", str(run / "diff"), "--data-dir", str(tiny_glue)]) == 0
@@ -101,6 +105,7 @@ def test_resume_after_interruption_gives_identical_diff(tmp_path, tiny_model_dir
         assert torch.equal(a.dense[n], b.dense[n])
     ra, rb = (json.loads((p / "results.json").read_text()) for p in (ref, run))
     assert ra["score"] == rb["score"] and ra["train_steps"] == rb["train_steps"]
+    assert ra["epochs"] == rb["epochs"] and len(ra["epochs"]) == 3  # each epoch once
 
 
 def test_a_stop_asked_for_while_the_final_files_are_written_waits_for_them(

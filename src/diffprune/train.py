@@ -317,6 +317,11 @@ class Trainer(Resumable):
         record = {"event": "eval", "phase": phase.name, "epoch": epoch, "dev": metrics,
                   "expected_density": self._density()}
         self._log(record)
+        # the dev curve travels in results.json; the checkpoint that follows keeps it, so a
+        # resumed run records each epoch once
+        self.results.setdefault("epochs", []).append(
+            {"phase": phase.name, "epoch": epoch, "score": metrics["score"],
+             "expected_density": record["expected_density"]})
         log.info("%s epoch %d: dev %.2f, density %.5f", phase.name, epoch, metrics["score"],
                  record["expected_density"])
         if pi == len(self.phases) - 1 and (self.best is None or
