@@ -21,7 +21,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import pair  # noqa: E402  (bench/pair.py)
-from pair import parse_side  # noqa: E402
 
 
 def curve(record: dict, directory: Path) -> list[dict] | None:
@@ -48,7 +47,7 @@ def curve(record: dict, directory: Path) -> list[dict] | None:
 
 def load(side: str) -> list[tuple[str, dict, list[dict] | None]]:
     """(side, run record, curve) of every run of DIR:VARIANT."""
-    directory, variant = parse_side(side)
+    directory, variant = pair.parse_side(side)
     return [(side, rec, curve(rec, directory)) for rec in pair.load(directory, variant, variant)]
 
 
@@ -58,7 +57,7 @@ def _column(e: dict) -> str:
 
 def tables(runs: list[tuple[str, dict, list[dict] | None]], tasks: list[str] | None) -> str:
     """One markdown table per task, rows in the order of the sides, then by seed."""
-    order = {side: i for i, (side, _, _) in reversed(list(enumerate(runs)))}
+    order = {side: i for i, side in enumerate(dict.fromkeys(s for s, _, _ in runs))}
     found = sorted({rec["task"] for _, rec, _ in runs})
     missing = [t for t in tasks or () if t not in found]
     if missing:
@@ -92,9 +91,8 @@ def main(argv: list[str] | None = None) -> str:
     print(text, end="")
     if a.out:
         command = "python bench/curves.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        tmp = a.out.with_suffix(a.out.suffix + ".tmp")
-        tmp.write_text(f"Command: `{command}`\n\n{text}")
-        tmp.replace(a.out)
+        from diffprune.fileio import atomic_write_bytes
+        atomic_write_bytes(a.out, f"Command: `{command}`\n\n{text}".encode())
     return text
 
 
